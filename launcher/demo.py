@@ -38,9 +38,24 @@ def data_stage(out: Path, report: dict) -> None:
     if not (data_dir / "stats.json").is_file():
         seconds = run_stage(
             "data",
-            [sys.executable, "trainer/prepare_data.py", "--format", "synthetic", "--users", "2000",
-             "--items", "500", "--events", "60000", "--seed", "0", "--max-seq-len", "50",
-             "--output", str(data_dir)],
+            [
+                sys.executable,
+                "trainer/prepare_data.py",
+                "--format",
+                "synthetic",
+                "--users",
+                "2000",
+                "--items",
+                "500",
+                "--events",
+                "60000",
+                "--seed",
+                "0",
+                "--max-seq-len",
+                "50",
+                "--output",
+                str(data_dir),
+            ],
         )
     stats = json.loads((data_dir / "stats.json").read_text())
     report["stages"]["data"] = {
@@ -52,6 +67,46 @@ def data_stage(out: Path, report: dict) -> None:
     }
 
 
+def deepspeed_command(script: str, num_ranks: int, args: list[str]) -> list[str]:
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    return [launcher, "--num_gpus", str(num_ranks), script, *args]
+
+
+CPU_ENV = {"DS_ACCELERATOR": "cpu"}
+
+
+def teacher_stage(out: Path, report: dict) -> None:
+    teacher_dir = out / "teacher"
+    seconds = None
+    if not (teacher_dir / "final/metrics.json").is_file():
+        resume = ["--resume"] if (teacher_dir / "checkpoints/latest").is_file() else []
+        seconds = run_stage(
+            "teacher",
+            deepspeed_command(
+                "trainer/teacher.py",
+                2,
+                [
+                    "--config",
+                    str(CONFIGS / "teacher_demo.yaml"),
+                    *resume,
+                    f"data.dir={out / 'data'}",
+                    f"train.output_dir={teacher_dir}",
+                ],
+            ),
+            env=CPU_ENV,
+        )
+    metrics = json.loads((teacher_dir / "final/metrics.json").read_text())
+    report["stages"]["teacher"] = {
+        "steps": metrics["steps"],
+        "best_valid_ndcg@10": round(metrics["best_valid_ndcg@10"], 4),
+        "ranks": 2,
+        "zero_stage": 3,
+        "seconds": seconds,
+    }
+    for name in ("popularity", "teacher"):
+        report["metrics"][name] = {k: metrics[name][k] for k in ("hr@10", "ndcg@10", "mrr")}
+
+
 def write_report(out: Path, report: dict) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# recdistill demo report", ""]
@@ -60,16 +115,27 @@ def write_report(out: Path, report: dict) -> None:
         lines.extend(f"- {key}: {value}" for key, value in figures.items())
         lines.append("")
     if report["metrics"]:
-        lines += ["## test metrics (full ranking)", "", "| model | HR@10 | NDCG@10 | MRR |", "|---|---|---|---|"]
+        lines += [
+            "## test metrics (full ranking)",
+            "",
+            "| model | HR@10 | NDCG@10 | MRR |",
+            "|---|---|---|---|",
+        ]
         for model, values in report["metrics"].items():
-            lines.append(f"| {model} | {values['hr@10']:.4f} | {values['ndcg@10']:.4f} | {values['mrr']:.4f} |")
+            lines.append(
+                f"| {model} | {values['hr@10']:.4f} | {values['ndcg@10']:.4f} | {values['mrr']:.4f} |"
+            )
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--fresh", action="store_true", help="delete --out first and rerun every stage")
+    parser.add_argument(
+        "--fresh", action="store_true", help="delete --out first and rerun every stage"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
@@ -84,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-STAGES = [data_stage]
+STAGES = [data_stage, teacher_stage]
 
 if __name__ == "__main__":
     sys.exit(main())

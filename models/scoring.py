@@ -1,0 +1,156 @@
+"""Scoring user representations against a whole item catalogue, in chunks.
+
+A catalogue of millions of items makes B x N float32 scores the largest tensor of a step. Every
+function here walks the catalogue in chunks of `chunk_size` rows, so memory is B x chunk_size.
+
+Conventions: `item_table` is [N + 1, D] with row 0 the padding item, which never gets a score
+(it is masked to -inf); targets and returned ids are item ids 1..N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(tensor.dtype, torch.float32)  # bf16/fp16 scores are summed in fp32
+
+
+def _chunk_scores(
+    user_reps: torch.Tensor, item_table: torch.Tensor, start: int, end: int
+) -> torch.Tensor:
+    dtype = _compute_dtype(user_reps)
+    scores = user_reps.to(dtype) @ item_table[start:end].to(dtype).T  # [M, end - start]
+    if start == 0:
+        scores[:, 0] = float("-inf")  # padding item
+    return scores
+
+
+class _CatalogueCrossEntropy(torch.autograd.Function):
+    """Per-row softmax cross-entropy over the whole catalogue without storing M x N logits.
+
+    The backward pass recomputes each chunk's softmax. Only the inputs are saved (the item
+    table as the tensor that was passed, never a slice), which keeps this safe under ZeRO-3,
+    where a parameter's storage is swapped between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, user_reps, item_table, targets, chunk_size):
+        n_rows, dtype = item_table.shape[0], _compute_dtype(user_reps)
+        logsumexp = torch.full(
+            (user_reps.shape[0],), float("-inf"), dtype=dtype, device=user_reps.device
+        )
+        for start in range(0, n_rows, chunk_size):
+            chunk = _chunk_scores(user_reps, item_table, start, min(start + chunk_size, n_rows))
+            logsumexp = torch.logaddexp(logsumexp, torch.logsumexp(chunk, dim=1))
+        target_scores = (user_reps.to(dtype) * item_table[targets].to(dtype)).sum(-1)
+        ctx.save_for_backward(user_reps, item_table, targets, logsumexp)
+        ctx.chunk_size = chunk_size
+        return logsumexp - target_scores
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        user_reps, item_table, targets, logsumexp = ctx.saved_tensors
+        dtype = _compute_dtype(user_reps)
+        grad_loss = grad_loss.to(dtype)
+        need_user, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_user = torch.zeros(user_reps.shape, dtype=dtype, device=user_reps.device)
+        grad_table = (
+            torch.zeros(item_table.shape, dtype=dtype, device=item_table.device)
+            if need_table
+            else None
+        )
+        n_rows = item_table.shape[0]
+        for start in range(0, n_rows, ctx.chunk_size):
+            end = min(start + ctx.chunk_size, n_rows)
+            probs = torch.exp(_chunk_scores(user_reps, item_table, start, end) - logsumexp[:, None])
+            probs = probs * grad_loss[:, None]  # d loss / d scores, softmax part
+            if need_user:
+                grad_user += probs @ item_table[start:end].to(dtype)
+            if need_table:
+                grad_table[start:end] += probs.T @ user_reps.to(dtype)
+        # the -target_score part of the loss
+        if need_user:
+            grad_user -= grad_loss[:, None] * item_table[targets].to(dtype)
+        if need_table:
+            grad_table.index_add_(0, targets, -grad_loss[:, None] * user_reps.to(dtype))
+            grad_table = grad_table.to(item_table.dtype)
+        return grad_user.to(user_reps.dtype) if need_user else None, grad_table, None, None
+
+
+def catalogue_cross_entropy(
+    user_reps: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor, chunk_size: int = 8192
+) -> torch.Tensor:
+    """Per-row full-catalogue cross-entropy, [M]; equals `F.cross_entropy(u @ E.T, t, reduction='none')`
+    with the padding column excluded."""
+    return _CatalogueCrossEntropy.apply(user_reps, item_table, targets, chunk_size)
+
+
+@dataclass
+class CatalogueStats:
+    """What one pass over the catalogue yields for each row."""
+
+    topk_scores: torch.Tensor  # [M, K] float32, descending
+    topk_ids: torch.Tensor  # [M, K] int64 item ids 1..N
+    logsumexp: torch.Tensor  # [M, len(temperatures)] logsumexp(scores / T) over the catalogue
+    target_scores: torch.Tensor | None  # [M]
+    target_ranks: torch.Tensor | None  # [M] items scoring strictly higher than the target
+
+
+@torch.no_grad()
+def catalogue_stats(
+    user_reps: torch.Tensor,
+    item_table: torch.Tensor,
+    k: int = 0,
+    targets: torch.Tensor | None = None,
+    temperatures: tuple[float, ...] = (1.0,),
+    chunk_size: int = 8192,
+    exclude: torch.Tensor | None = None,
+) -> CatalogueStats:
+    """Running top-K, log-sum-exp per temperature and target rank in one chunked pass.
+
+    `exclude` ([M, L] item ids, 0 = none) masks items (e.g. a user's history) out of the top-K
+    and the rank; the log-sum-exp always covers the whole catalogue.
+    """
+    n_rows, m, device, dtype = (
+        item_table.shape[0],
+        user_reps.shape[0],
+        user_reps.device,
+        _compute_dtype(user_reps),
+    )
+    top_scores = torch.full((m, 0), float("-inf"), dtype=dtype, device=device)
+    top_ids = torch.zeros((m, 0), dtype=torch.long, device=device)
+    logsumexp = torch.full((m, len(temperatures)), float("-inf"), dtype=dtype, device=device)
+    target_scores = ranks = None
+    if targets is not None:
+        target_scores = (user_reps.to(dtype) * item_table[targets].to(dtype)).sum(-1)
+        ranks = torch.zeros(m, dtype=torch.long, device=device)
+    for start in range(0, n_rows, chunk_size):
+        end = min(start + chunk_size, n_rows)
+        scores = _chunk_scores(user_reps, item_table, start, end)
+        for t, temperature in enumerate(temperatures):
+            logsumexp[:, t] = torch.logaddexp(
+                logsumexp[:, t], torch.logsumexp(scores / temperature, dim=1)
+            )
+        if exclude is not None:
+            inside = (exclude >= start) & (exclude < end) & (exclude > 0)
+            rows, cols = inside.nonzero(as_tuple=True)
+            scores[rows, exclude[rows, cols] - start] = float("-inf")
+        if targets is not None:
+            ranks += (scores > target_scores[:, None]).sum(1)
+            # The target's own column is computed by a matmul, `target_scores` elementwise: they
+            # may differ in the last bit, and the target must never outrank itself.
+            inside = (targets >= start) & (targets < end)
+            rows = inside.nonzero(as_tuple=True)[0]
+            ranks[rows] -= (scores[rows, targets[rows] - start] > target_scores[rows]).long()
+        if k:
+            take = min(k, end - start)
+            chunk_top, chunk_idx = scores.topk(take, dim=1)
+            merged_scores = torch.cat([top_scores, chunk_top], dim=1)
+            merged_ids = torch.cat([top_ids, chunk_idx + start], dim=1)
+            keep = min(k, merged_scores.shape[1])
+            top_scores, order = merged_scores.topk(keep, dim=1)
+            top_ids = merged_ids.gather(1, order)
+    return CatalogueStats(top_scores, top_ids, logsumexp, target_scores, ranks)

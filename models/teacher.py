@@ -1,0 +1,295 @@
+"""LLM sequential recommender (E4SRec / SLMRec design): item ids in, catalogue scores out.
+
+    item ids -> item table [N+1, d_item] -> linear -> LLM hidden size -> causal LM backbone
+    hidden state at a position -> linear -> d_item -> dot with the item table -> scores over N items
+
+Two modes:
+- sequence: the input is the user's items only; with causal attention every position is a user
+  representation that predicts the next item, so one forward trains (or scores) all positions.
+- prefix: SLMRec's prompt, `instruction tokens + items + response tokens`; only the last
+  position predicts the next item.
+
+Sequences are right-padded: with causal attention no real position ever sees a pad, positions
+need no correction and no attention row is fully masked.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel
+from transformers.utils import ModelOutput
+
+from recdistill.models.scoring import CatalogueStats, catalogue_cross_entropy, catalogue_stats
+
+CONFIG_FILE = "teacher_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class TeacherConfig:
+    num_items: int  # catalogue size N (ids 1..N, 0 = padding)
+    backbone: dict  # a Hugging Face model config as a dict (`model_type` included)
+    backbone_path: str | None = None  # local checkpoint for the backbone's initial weights
+    item_dim: int = 64
+    mode: str = "sequence"  # "sequence" | "prefix"
+    prompt_prefix_ids: list[int] = field(default_factory=list)  # prefix mode: instruction tokens
+    prompt_suffix_ids: list[int] = field(
+        default_factory=list
+    )  # prefix mode: response prompt tokens
+    freeze_item_embeddings: bool = False
+    lora: LoraSettings | None = None
+    gradient_checkpointing: bool = False
+    score_chunk_size: int = 8192
+
+    def __post_init__(self):
+        if self.mode not in ("sequence", "prefix"):
+            raise ValueError(f"teacher mode must be 'sequence' or 'prefix', got {self.mode!r}")
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone["hidden_size"]
+
+    @property
+    def num_layers(self) -> int:
+        return self.backbone["num_hidden_layers"]
+
+
+@dataclass
+class TeacherOutput(ModelOutput):
+    """A ModelOutput (a dict) on purpose: DeepSpeed ZeRO-3 hooks the backward pass through the
+    tensors it finds in a module's outputs, and it only looks inside tuples, lists and dicts."""
+
+    user_reps: torch.Tensor | None = (
+        None  # [B, P, d_item]: P = L in sequence mode, 1 in prefix mode
+    )
+    loss: torch.Tensor | None = None  # mean over users of the mean over their target positions
+    hidden_states: dict[int, torch.Tensor] | None = None  # layer -> [B, H] at the last position
+    stats: CatalogueStats | None = None
+
+
+def build_backbone(config: TeacherConfig, load_weights: bool) -> nn.Module:
+    """The LLM without its LM head. Under an active HfDeepSpeedConfig (ZeRO-3), transformers
+    constructs it partitioned (zero.Init) and loads the checkpoint shard by shard."""
+    if load_weights and config.backbone_path:
+        backbone = AutoModel.from_pretrained(config.backbone_path, local_files_only=True)
+    else:
+        hf_config = dict(config.backbone)
+        backbone = AutoModel.from_config(AutoConfig.for_model(**hf_config))
+    backbone.get_input_embeddings().weight.requires_grad_(False)  # text embeddings stay as they are
+    if config.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    if config.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=list(config.lora.target_modules),
+        )
+        backbone = get_peft_model(backbone, lora)
+    return backbone
+
+
+def import_backbone_modules(config: TeacherConfig) -> None:
+    """Import what building the backbone imports lazily, before entering `deepspeed.zero.Init`:
+    zero.Init patches tensor constructors, and torch._dynamo fails to import under that patch."""
+    import torch._dynamo  # noqa: F401
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    MODEL_MAPPING[type(AutoConfig.for_model(**config.backbone))]
+
+
+class LLMRecTeacher(nn.Module):
+    def __init__(self, config: TeacherConfig, load_backbone_weights: bool = True):
+        super().__init__()
+        self.config = config
+        self.backbone = build_backbone(config, load_backbone_weights)
+        self.item_embeddings = nn.Embedding(config.num_items + 1, config.item_dim, padding_idx=0)
+        nn.init.normal_(self.item_embeddings.weight, std=config.item_dim**-0.5)
+        self.item_embeddings.weight.requires_grad_(not config.freeze_item_embeddings)
+        self.item_in_proj = nn.Linear(config.item_dim, config.hidden_size)
+        self.user_out_proj = nn.Linear(config.hidden_size, config.item_dim)
+        self._register_item_table_for_zero3()
+
+    def _register_item_table_for_zero3(self) -> None:
+        # The item table is also read outside nn.Embedding.forward (to score the catalogue).
+        # ZeRO-3 only gathers a parameter for the forward of the module that owns it, unless it
+        # is registered as an external parameter of the module that uses it.
+        weight = self.item_embeddings.weight
+        if hasattr(weight, "ds_id"):
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self, weight)
+
+    # ---- inputs ------------------------------------------------------------------------------
+    def _text_embeddings(self, token_ids: list[int], batch: int, device) -> torch.Tensor:
+        ids = torch.tensor(token_ids, dtype=torch.long, device=device)
+        return self.backbone.get_input_embeddings()(ids).unsqueeze(0).expand(batch, -1, -1)
+
+    def _inputs(self, item_ids: torch.Tensor, lengths: torch.Tensor):
+        """inputs_embeds [B, T, H], attention mask [B, T], index of each item position [L]."""
+        item_embeds = self.item_in_proj(self.item_embeddings(item_ids))  # [B, L, H]
+        batch, max_len = item_ids.shape
+        positions = torch.arange(max_len, device=item_ids.device)
+        mask = (positions[None, :] < lengths[:, None]).long()
+        if self.config.mode == "sequence":
+            return item_embeds, mask, positions
+        prefix = self._text_embeddings(self.config.prompt_prefix_ids, batch, item_ids.device)
+        suffix = self._text_embeddings(self.config.prompt_suffix_ids, batch, item_ids.device)
+        n_prefix, n_suffix = prefix.shape[1], suffix.shape[1]
+        # Right padding: each user's suffix goes right after their last item.
+        total = n_prefix + max_len + n_suffix
+        embeds = torch.zeros(
+            batch, total, item_embeds.shape[-1], dtype=item_embeds.dtype, device=item_ids.device
+        )
+        embeds[:, :n_prefix] = prefix.to(item_embeds.dtype)
+        embeds[:, n_prefix : n_prefix + max_len] = item_embeds * mask[..., None]
+        suffix_at = (
+            n_prefix + lengths[:, None] + torch.arange(n_suffix, device=item_ids.device)[None, :]
+        )
+        rows = torch.arange(batch, device=item_ids.device)[:, None].expand_as(suffix_at)
+        embeds[rows, suffix_at] = suffix.to(item_embeds.dtype)
+        full_mask = (
+            torch.arange(total, device=item_ids.device)[None, :]
+            < (n_prefix + lengths + n_suffix)[:, None]
+        )
+        return embeds, full_mask.long(), positions + n_prefix
+
+    def last_positions(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Index of the last real token of each row in the backbone's input."""
+        if self.config.mode == "sequence":
+            return lengths - 1
+        return len(self.config.prompt_prefix_ids) + lengths + len(self.config.prompt_suffix_ids) - 1
+
+    def item_table(self) -> torch.Tensor:
+        return self.item_embeddings.weight
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        item_ids: torch.Tensor,  # [B, L] right-padded with 0
+        lengths: torch.Tensor,  # [B]
+        targets: torch.Tensor | None = None,  # [B, L] (sequence, 0 = no target) or [B] (prefix)
+        hidden_layers: tuple[
+            int, ...
+        ] = (),  # hidden_states indices: 0 = embeddings, i = after block i
+        topk: int = 0,
+        temperatures: tuple[float, ...] = (1.0,),
+        score: str | None = None,  # None | "last" | "all": catalogue statistics for these positions
+        exclude: torch.Tensor
+        | None = None,  # [B, X] ids left out of top-K and ranks (e.g. history)
+    ) -> TeacherOutput:
+        embeds, mask, item_positions = self._inputs(item_ids, lengths)
+        out = self.backbone(
+            inputs_embeds=embeds, attention_mask=mask, output_hidden_states=bool(hidden_layers)
+        )
+        hidden = out.last_hidden_state  # [B, T, H]
+        rows = torch.arange(item_ids.shape[0], device=item_ids.device)
+        last = self.last_positions(lengths)
+        if self.config.mode == "sequence":
+            user_reps = self.user_out_proj(hidden[:, item_positions])  # [B, L, d_item]
+        else:
+            user_reps = self.user_out_proj(hidden[rows, last]).unsqueeze(1)  # [B, 1, d_item]
+        result = TeacherOutput(user_reps=user_reps)
+        if hidden_layers:
+            result.hidden_states = {
+                layer: out.hidden_states[layer][rows, last] for layer in hidden_layers
+            }
+        table = self.item_table()
+        if targets is not None and score is None:
+            result.loss = self._loss(user_reps, targets, table)
+        if score is not None:
+            if score == "last":
+                reps = (
+                    user_reps[rows, lengths - 1]
+                    if self.config.mode == "sequence"
+                    else user_reps[:, 0]
+                )
+                flat_targets = targets  # [B] or None
+            else:
+                reps = user_reps.reshape(-1, user_reps.shape[-1])
+                flat_targets = targets.reshape(-1) if targets is not None else None
+            result.stats = catalogue_stats(
+                reps,
+                table,
+                k=topk,
+                targets=flat_targets,
+                temperatures=temperatures,
+                chunk_size=self.config.score_chunk_size,
+                exclude=exclude,
+            )
+        return result
+
+    def _loss(
+        self, user_reps: torch.Tensor, targets: torch.Tensor, table: torch.Tensor
+    ) -> torch.Tensor:
+        if targets.dim() == 1:  # prefix mode: one target per user
+            return catalogue_cross_entropy(
+                user_reps[:, 0], table, targets, self.config.score_chunk_size
+            ).mean()
+        valid = targets > 0  # [B, L]
+        per_position = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+        per_position[valid] = catalogue_cross_entropy(
+            user_reps[valid], table, targets[valid], self.config.score_chunk_size
+        )
+        # Each user weighs the same whatever their length: so a global batch split across ranks
+        # (equal users per rank) averages to the same loss as one process.
+        per_user = per_position.sum(1) / valid.sum(1).clamp(min=1)
+        return per_user.mean()
+
+    # ---- files -------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, state_dict: dict | None = None) -> None:
+        """Config + safetensors; `state_dict` lets a DeepSpeed job pass its consolidated weights."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_teacher_files(
+            directory, self.config, state_dict if state_dict is not None else self.state_dict()
+        )
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, merge_lora: bool = True) -> LLMRecTeacher:
+        """Load without DeepSpeed: the backbone is rebuilt from the stored config (no download)."""
+        directory = Path(directory)
+        config = load_teacher_config(directory)
+        model = cls(config, load_backbone_weights=False)
+        state = load_file(str(directory / WEIGHTS_FILE))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{directory / WEIGHTS_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        if merge_lora and config.lora is not None:
+            model.backbone = model.backbone.merge_and_unload()
+        return model.eval()
+
+
+def save_teacher_files(directory: Path, config: TeacherConfig, state_dict: dict) -> None:
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+
+def load_teacher_config(directory: Path) -> TeacherConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a teacher checkpoint (no {CONFIG_FILE})")
+    return TeacherConfig(**json.loads(path.read_text()))

@@ -1,0 +1,78 @@
+"""Shared fixtures: the synthetic data of the demo, prepared once per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The demo's synthetic log (2000 users, 500 items, 60k events) as prepared sequences."""
+    out = tmp_path_factory.mktemp("data") / "data"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "trainer/prepare_data.py"),
+            "--format",
+            "synthetic",
+            "--users",
+            "2000",
+            "--items",
+            "500",
+            "--events",
+            "60000",
+            "--seed",
+            "0",
+            "--max-seq-len",
+            "50",
+            "--output",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def launch(
+    script: str, args: list[str], num_ranks: int, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """Run a job under the real `deepspeed` launcher on CPU ranks, as a user would."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    command = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        str(num_ranks),
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / script),
+        *args,
+    ]
+    return subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses_by_step(path: Path) -> dict[int, float]:
+    """The last logged loss of each step (a resumed run logs the steps after its checkpoint again)."""
+    return {r["step"]: r["loss"] for r in read_jsonl(path) if "loss" in r}

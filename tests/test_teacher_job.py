@@ -1,0 +1,107 @@
+"""The teacher job under the real `deepspeed` launcher: 2 CPU ranks, ZeRO-3."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from recdistill.models.teacher import LLMRecTeacher
+from recdistill.trainer.data.batches import prefix_batch
+from recdistill.trainer.data.pipeline import load_sequences
+from recdistill.trainer.metrics import finalize, metric_sums
+
+from .conftest import launch, losses_by_step
+
+CONFIG = "configs/teacher_demo.yaml"
+
+
+def run_teacher(data, out, ranks=2, *overrides, check=True):
+    result = launch(
+        "trainer/teacher.py",
+        [
+            "--config",
+            CONFIG,
+            f"data.dir={data}",
+            f"train.output_dir={out}",
+            "train.log_every=1",
+            *overrides,
+        ],
+        ranks,
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    run_teacher(
+        demo_data, out, 2, "train.max_steps=100", "train.eval_every=50", "train.save_every=50"
+    )
+    return out
+
+
+def test_zero3_training_lowers_loss_and_beats_popularity(trained):
+    losses = list(losses_by_step(trained / "metrics.jsonl").values())
+    assert len(losses) == 100
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
+    metrics = json.loads((trained / "final/metrics.json").read_text())
+    assert metrics["teacher"]["ndcg@10"] > metrics["popularity"]["ndcg@10"] + 0.05
+    assert (trained / "tensorboard").is_dir() and (trained / "final/item_map.parquet").is_file()
+
+
+def test_consolidated_checkpoint_reloads_without_deepspeed(trained, demo_data):
+    """The HF-style release scores the test split exactly as the DeepSpeed engine did."""
+    model = LLMRecTeacher.from_pretrained(trained / "final")
+    splits, _ = load_sequences(demo_data)
+    test = splits["test"]
+    sums = None
+    with torch.no_grad():
+        for start in range(0, len(test), 256):
+            rows = test[start : start + 256]
+            batch = prefix_batch([h[-50:] for h in rows["history"]], rows["target"])
+            ranks = model(
+                batch["item_ids"], batch["lengths"], targets=batch["targets"], score="last"
+            ).stats.target_ranks
+            part = metric_sums(ranks)
+            sums = part if sums is None else {k: sums[k] + v for k, v in part.items()}
+    reloaded = finalize(sums)
+    engine = json.loads((trained / "final/metrics.json").read_text())["teacher"]
+    for key in ("hr@10", "ndcg@10", "mrr"):
+        assert reloaded[key] == pytest.approx(engine[key], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def short_runs(demo_data, tmp_path_factory):
+    """Three 12-step runs: 2 ranks, 1 process with the same global batch, and 2 ranks killed
+    by SIGKILL after step 9 (checkpoint at step 6) then resumed."""
+    base = tmp_path_factory.mktemp("short")
+    common = ["train.max_steps=12", "train.save_every=6", "train.eval_every=100"]
+    run_teacher(demo_data, base / "two", 2, *common)
+    run_teacher(demo_data, base / "one", 1, *common, "train.grad_accum=2")
+    killed = run_teacher(
+        demo_data, base / "killed", 2, *common, "train.kill_at_step=9", check=False
+    )
+    assert killed.returncode != 0 and not (base / "killed/final").exists()
+    run_teacher(demo_data, base / "killed", 2, *common, "--resume")
+    return base
+
+
+def test_two_ranks_match_one_process(short_runs):
+    two = losses_by_step(short_runs / "two/metrics.jsonl")
+    one = losses_by_step(short_runs / "one/metrics.jsonl")
+    for step in range(1, 6):
+        assert one[step] == pytest.approx(two[step], rel=1e-4), step
+    assert two[5] < two[1]
+
+
+def test_killed_run_resumes_with_the_same_losses(short_runs):
+    uninterrupted = losses_by_step(short_runs / "two/metrics.jsonl")
+    resumed = losses_by_step(short_runs / "killed/metrics.jsonl")
+    assert sorted(resumed) == list(range(1, 13))
+    for step in range(7, 13):  # the steps redone after the checkpoint of step 6
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6), step
+    assert (short_runs / "killed/final/model.safetensors").is_file()

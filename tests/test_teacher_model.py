@@ -1,0 +1,114 @@
+"""The teacher model on its own (no DeepSpeed): modes, padding, hidden states, files, LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recdistill.models.teacher import LLMRecTeacher, TeacherConfig
+from recdistill.trainer.data.batches import pad_right, sequence_batch
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 16,
+    "max_position_embeddings": 64,
+}
+
+
+def tiny_teacher(**kwargs) -> LLMRecTeacher:
+    torch.manual_seed(0)
+    return LLMRecTeacher(
+        TeacherConfig(num_items=40, backbone=TINY_LLAMA, item_dim=16, score_chunk_size=7, **kwargs)
+    ).eval()
+
+
+def test_sequence_mode_padding_does_not_change_outputs():
+    model = tiny_teacher()
+    seqs = [[3, 4, 5, 6, 7], [9, 10]]
+    batch = sequence_batch(seqs)
+    out = model(batch["item_ids"], batch["lengths"], hidden_layers=(1, 3))
+    alone = model(*pad_right([seqs[1][:-1]]), hidden_layers=(1, 3))
+    torch.testing.assert_close(out.user_reps[1, :1], alone.user_reps[0, :1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out.hidden_states[3][1], alone.hidden_states[3][0], atol=1e-5, rtol=1e-5
+    )
+    assert out.user_reps.shape == (2, 4, 16) and out.hidden_states[1].shape == (2, 32)
+
+
+def test_sequence_loss_is_mean_of_per_user_means():
+    model = tiny_teacher()
+    batch = sequence_batch([[3, 4, 5, 6, 7], [9, 10]])
+    loss = model(**batch).loss
+    first = model(**sequence_batch([[3, 4, 5, 6, 7]])).loss
+    second = model(**sequence_batch([[9, 10]])).loss
+    torch.testing.assert_close(loss, (first + second) / 2, atol=1e-5, rtol=1e-5)
+
+
+def test_scores_last_position_ranks_agree_with_full_scores():
+    model = tiny_teacher()
+    ids, lengths = pad_right([[3, 4, 5], [9]])
+    targets = torch.tensor([6, 11])
+    out = model(ids, lengths, targets=targets, score="last", topk=5)
+    reps = out.user_reps[torch.arange(2), lengths - 1]
+    scores = reps @ model.item_table().T
+    scores[:, 0] = float("-inf")
+    assert torch.equal(out.stats.topk_ids, scores.topk(5, dim=1).indices)
+    assert torch.equal(out.stats.target_ranks, (scores > scores.gather(1, targets[:, None])).sum(1))
+
+
+def test_prefix_mode_uses_prompt_and_last_position():
+    model = tiny_teacher(mode="prefix", prompt_prefix_ids=[1, 2, 3], prompt_suffix_ids=[4, 5])
+    ids, lengths = pad_right([[3, 4, 5], [9]])
+    out = model(ids, lengths, targets=torch.tensor([6, 11]), hidden_layers=(3,))
+    alone = model(*pad_right([[9]]), hidden_layers=(3,))
+    assert out.user_reps.shape == (2, 1, 16) and torch.isfinite(out.loss)
+    torch.testing.assert_close(out.user_reps[1], alone.user_reps[0], atol=1e-5, rtol=1e-5)
+    # the prompt matters: another suffix gives another representation
+    other = tiny_teacher(mode="prefix", prompt_prefix_ids=[1, 2, 3], prompt_suffix_ids=[7, 5])
+    assert not torch.allclose(other(*pad_right([[9]])).user_reps, alone.user_reps)
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    model = tiny_teacher()
+    model.save_pretrained(tmp_path)
+    loaded = LLMRecTeacher.from_pretrained(tmp_path)
+    batch = sequence_batch([[3, 4, 5, 6, 7]])
+    torch.testing.assert_close(loaded(**batch).loss, model(**batch).loss)
+
+
+def test_lora_trains_only_adapters_and_merges_on_load(tmp_path):
+    model = tiny_teacher(
+        lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    )
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable)
+    assert not any("backbone" in n and "lora" not in n for n in trainable)
+    with torch.no_grad():  # make the adapters non-zero so that merging is observable
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    model.save_pretrained(tmp_path)
+    loaded = LLMRecTeacher.from_pretrained(tmp_path, merge_lora=True)
+    assert not any("lora" in n for n, _ in loaded.named_parameters())
+    batch = sequence_batch([[3, 4, 5, 6, 7]])
+    torch.testing.assert_close(loaded(**batch).loss, model(**batch).loss, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    batch = sequence_batch([[3, 4, 5, 6, 7], [9, 10, 11]])
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_teacher(gradient_checkpointing=checkpointing).train()
+        model(**batch).loss.backward()
+        grads.append(model.item_in_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_bad_mode_is_rejected():
+    with pytest.raises(ValueError, match="sequence' or 'prefix"):
+        TeacherConfig(num_items=3, backbone=TINY_LLAMA, mode="chat")

@@ -1,0 +1,62 @@
+"""Job configs: a YAML or JSON file plus `key.sub=value` overrides from the command line."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, defaults: dict | None = None
+) -> dict:
+    """Read a config file, lay it over `defaults` and apply overrides such as `train.lr=3e-4`.
+
+    Override values are parsed as YAML, so `x=3`, `x=true`, `x=[1,2]` and `x=null` get types.
+    An override or file key that is not in `defaults` is an error (catches typos) when defaults
+    are given.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot parse: {error}") from None
+    config = copy.deepcopy(defaults) if defaults else {}
+    _merge(config, loaded or {}, str(path), strict=defaults is not None)
+    for override in overrides or []:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r}: expected key.sub=value")
+        value = yaml.safe_load(raw) if raw else None
+        nested: dict = {}
+        cursor = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = value
+        _merge(config, nested, f"override {override!r}", strict=defaults is not None)
+    return config
+
+
+def _merge(base: dict, update: dict, where: str, strict: bool, prefix: str = "") -> None:
+    for key, value in update.items():
+        name = f"{prefix}{key}"
+        if strict and key not in base:
+            raise ConfigError(f"{where}: unknown key {name!r} (known: {', '.join(sorted(base))})")
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and base.get(key):
+            _merge(base[key], value, where, strict, prefix=f"{name}.")
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def save_config(config: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))

@@ -1,0 +1,480 @@
+"""Fine-tune the LLM teacher for next-item prediction with DeepSpeed (ZeRO-3 by default).
+
+    deepspeed --num_gpus 8 trainer/teacher.py --config configs/teacher_llama7b.yaml [key=value ...]
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 trainer/teacher.py --config configs/teacher_demo.yaml
+
+Recipe: parse config -> build data, model (under zero.Init for ZeRO-3) and the DeepSpeed engine
+-> train with gradient accumulation, warmup + decay, periodic full-ranking validation and early
+stopping on NDCG@10 -> DeepSpeed checkpoints for exact resume (--resume) -> at the end the best
+weights as one consolidated 16-bit HF-style checkpoint (config + safetensors) in OUTPUT/final,
+with the item map and the run config, plus test metrics of the teacher and a popularity baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from tqdm import tqdm
+from transformers.integrations import HfDeepSpeedConfig
+
+from recdistill.models.teacher import (
+    LLMRecTeacher,
+    TeacherConfig,
+    import_backbone_modules,
+    save_teacher_files,
+)
+from recdistill.trainer.config import load_config, save_config
+from recdistill.trainer.data.batches import (
+    even_shard,
+    global_batch_order,
+    micro_batches,
+    prefix_batch,
+    select_prefixes,
+    sequence_batch,
+)
+from recdistill.trainer.data.pipeline import ITEM_MAP_FILE, load_sequences
+from recdistill.trainer.metrics import finalize, metric_sums
+
+DEFAULTS: dict = {
+    "data": {
+        "dir": None,  # output of trainer/prepare_data.py
+        "mode": "sequence",  # sequence | prefix
+        "prefixes": "last:5",  # prefix mode: which history prefixes of each user train (all, last:N, window:S)
+        "max_len": 50,  # most recent items fed to the model
+    },
+    "model": {
+        "backbone": {},  # HF config dict for a backbone built from scratch (tests, demo)
+        "backbone_path": None,  # local HF checkpoint (e.g. a LLaMA-2-7B folder); wins over `backbone`
+        "item_dim": 64,
+        "item_embeddings": None,  # safetensors file with an [N+1, item_dim] table `weight` (e.g. SASRec's)
+        "freeze_item_embeddings": False,
+        "lora": None,  # {r, alpha, dropout, target_modules}
+        "gradient_checkpointing": False,
+        "score_chunk_size": 8192,
+        "prompt": {
+            "tokenizer": None,
+            "prefix": "",
+            "suffix": "",
+            "prefix_ids": [],
+            "suffix_ids": [],
+        },
+    },
+    "train": {
+        "deepspeed_config": "ds_configs/zero3_bf16.json",
+        "output_dir": None,
+        "micro_batch_size": 16,
+        "grad_accum": 1,
+        "lr": 1e-4,
+        "weight_decay": 0.0,
+        "warmup_steps": 100,
+        "epochs": 1,
+        "max_steps": None,  # overrides epochs when set
+        "seed": 0,
+        "log_every": 10,
+        "eval_every": 500,
+        "eval_batch_size": 64,
+        "eval_exclude_history": False,
+        "save_every": 500,
+        "patience": 5,  # evaluations without NDCG@10 improvement before stopping
+        "kill_at_step": None,  # fault injection for tests: SIGKILL this process after that step
+    },
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="job config (YAML or JSON); see configs/")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in OUTPUT/checkpoints",
+    )
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. train.lr=3e-4 data.max_len=20"
+    )
+    return parser.parse_args(argv)
+
+
+# ---- parts ---------------------------------------------------------------------------------
+
+
+def local_world_size() -> int:
+    """Ranks on this machine: the deepspeed launcher says LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+
+
+def build_examples(splits, data_cfg: dict) -> tuple[list, list, list]:
+    """Training examples for the mode, and (history, target) pairs of validation and test."""
+    max_len = data_cfg["max_len"]
+    train_items = [items for items in splits["train"]["items"] if len(items) >= 2]
+    if data_cfg["mode"] == "sequence":
+        train = [items[-(max_len + 1) :] for items in train_items]
+    else:
+        train = [
+            (items[max(0, t - max_len) : t], items[t])
+            for items in train_items
+            for t in select_prefixes(len(items), data_cfg["prefixes"])
+        ]
+    evals = []
+    for split in ("valid", "test"):
+        evals.append(
+            [(h[-max_len:], t) for h, t in zip(splits[split]["history"], splits[split]["target"])]
+        )
+    return train, evals[0], evals[1]
+
+
+def collate(examples: list, mode: str, device) -> dict:
+    batch = sequence_batch(examples) if mode == "sequence" else prefix_batch(*zip(*examples))
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def prompt_ids(prompt: dict) -> tuple[list[int], list[int]]:
+    if prompt.get("tokenizer"):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(prompt["tokenizer"], local_files_only=True)
+        return (
+            tokenizer(prompt["prefix"], add_special_tokens=True)["input_ids"],
+            tokenizer(prompt["suffix"], add_special_tokens=False)["input_ids"],
+        )
+    return list(prompt["prefix_ids"]), list(prompt["suffix_ids"])
+
+
+def teacher_config(model_cfg: dict, data_cfg: dict, num_items: int) -> TeacherConfig:
+    backbone = dict(model_cfg["backbone"])
+    if model_cfg["backbone_path"]:
+        from transformers import AutoConfig
+
+        backbone = AutoConfig.from_pretrained(
+            model_cfg["backbone_path"], local_files_only=True
+        ).to_dict()
+    if not backbone:
+        raise ValueError(
+            "model.backbone (a config dict) or model.backbone_path (a local checkpoint) is required"
+        )
+    prefix_ids, suffix_ids = prompt_ids(model_cfg["prompt"])
+    return TeacherConfig(
+        num_items=num_items,
+        backbone=backbone,
+        backbone_path=model_cfg["backbone_path"],
+        item_dim=model_cfg["item_dim"],
+        mode=data_cfg["mode"],
+        prompt_prefix_ids=prefix_ids,
+        prompt_suffix_ids=suffix_ids,
+        freeze_item_embeddings=model_cfg["freeze_item_embeddings"],
+        lora=model_cfg["lora"],
+        gradient_checkpointing=model_cfg["gradient_checkpointing"],
+        score_chunk_size=model_cfg["score_chunk_size"],
+    )
+
+
+def deepspeed_config(train_cfg: dict, world_size: int, total_steps: int) -> dict:
+    ds_config = json.loads(Path(train_cfg["deepspeed_config"]).read_text())
+    ds_config["train_micro_batch_size_per_gpu"] = train_cfg["micro_batch_size"]
+    ds_config["gradient_accumulation_steps"] = train_cfg["grad_accum"]
+    ds_config["train_batch_size"] = (
+        train_cfg["micro_batch_size"] * train_cfg["grad_accum"] * world_size
+    )
+    ds_config["optimizer"]["params"].update(
+        lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"]
+    )
+    if ds_config.get("scheduler", {}).get("type") == "WarmupDecayLR":
+        ds_config["scheduler"]["params"].update(
+            warmup_max_lr=train_cfg["lr"],
+            warmup_num_steps=min(train_cfg["warmup_steps"], max(total_steps - 1, 1)),
+            total_num_steps=max(total_steps, 2),
+        )
+    return ds_config
+
+
+def zero_stage(ds_config: dict) -> int:
+    return ds_config.get("zero_optimization", {}).get("stage", 0)
+
+
+def load_item_embeddings(model: LLMRecTeacher, path: str) -> None:
+    """Copy a pretrained item table (e.g. SASRec's) into the model, gathered under ZeRO-3."""
+    table = load_file(path)
+    table = table.get("weight", next(iter(table.values())))
+    weight = model.item_embeddings.weight
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
+        if table.shape != weight.shape:
+            raise ValueError(
+                f"{path}: item table of shape {tuple(table.shape)}, model needs {tuple(weight.shape)}"
+            )
+        weight.data.copy_(table)
+
+
+@torch.no_grad()
+def evaluate(
+    engine, examples: list, batch_size: int, exclude_history: bool, device
+) -> dict[str, float]:
+    """Full-ranking metrics; every rank runs the same number of batches (ZeRO-3 needs it)."""
+    engine.eval()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    indices, weights = even_shard(len(examples), world, rank, batch_size)
+    totals = None
+    for start in range(0, len(indices), batch_size):
+        chunk = [examples[i] for i in indices[start : start + batch_size]]
+        batch = collate(chunk, "prefix", device)
+        out = engine(
+            batch["item_ids"],
+            batch["lengths"],
+            targets=batch["targets"],
+            score="last",
+            exclude=batch["item_ids"] if exclude_history else None,
+        )
+        sums = metric_sums(
+            out.stats.target_ranks.cpu(), torch.from_numpy(weights[start : start + batch_size])
+        )
+        totals = sums if totals is None else {k: totals[k] + v for k, v in sums.items()}
+    keys = sorted(totals)
+    packed = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(packed)
+    engine.train()
+    return finalize(dict(zip(keys, packed.tolist())))
+
+
+def popularity_metrics(train_items: list, examples: list, num_items: int) -> dict[str, float]:
+    """Baseline: every user gets the same ranking, by training-set item frequency."""
+    counts = np.bincount(
+        np.concatenate([np.asarray(s) for s in train_items]), minlength=num_items + 1
+    )
+    counts = counts[1:].astype(np.float64)
+    targets = np.asarray([t for _, t in examples])
+    ranks = (counts[None, :] > counts[targets - 1][:, None]).sum(1)
+    return finalize(metric_sums(torch.from_numpy(ranks)))
+
+
+class MetricsLog:
+    """Rank 0 appends JSON lines (the record tests and the demo read) and TensorBoard scalars."""
+
+    def __init__(self, output_dir: Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.jsonl = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115
+            self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        for key, value in values.items():
+            if isinstance(value, int | float):
+                self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()
+
+
+# ---- the job -------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides, DEFAULTS)
+    data_cfg, model_cfg, train_cfg = cfg["data"], cfg["model"], cfg["train"]
+    output_dir = Path(train_cfg["output_dir"])
+    checkpoints = output_dir / "checkpoints"
+
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(
+        deepspeed.get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", 0))
+    )
+    if device.type != "cpu":
+        deepspeed.get_accelerator().set_device(device.index)
+    else:  # ranks share the machine's cores: oversubscribed threads make CPU runs 10x slower
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
+    if rank == 0:
+        if (output_dir / "final").exists() and not args.resume:
+            raise SystemExit(f"{output_dir}: a finished run is there; use another train.output_dir")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "run_config.yaml")
+    dist.barrier()
+
+    splits, stats = load_sequences(data_cfg["dir"])
+    train_examples, valid_examples, test_examples = build_examples(splits, data_cfg)
+    global_batch = train_cfg["micro_batch_size"] * train_cfg["grad_accum"] * world
+    steps_per_epoch = len(train_examples) // global_batch
+    if steps_per_epoch == 0:
+        raise SystemExit(
+            f"{len(train_examples)} training examples < one global batch of {global_batch}"
+        )
+    total_steps = train_cfg["max_steps"] or train_cfg["epochs"] * steps_per_epoch
+
+    torch.manual_seed(train_cfg["seed"])
+    ds_config = deepspeed_config(train_cfg, world, total_steps)
+    config = teacher_config(model_cfg, data_cfg, stats["items"])
+    # Keeping this object alive makes transformers build/load the backbone under zero.Init.
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841
+    import_backbone_modules(config)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
+        model = LLMRecTeacher(config)
+    if model_cfg["item_embeddings"]:
+        load_item_embeddings(model, model_cfg["item_embeddings"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=trainable, config=ds_config
+    )
+
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "best_ndcg": -1.0,
+        "bad_evals": 0,
+        "stopped": False,
+    }
+    if args.resume and (checkpoints / "latest").is_file():
+        _, client_state = engine.load_checkpoint(str(checkpoints))
+        state.update(client_state["state"])
+        torch.set_rng_state(client_state["torch_rng"])
+        if rank == 0:
+            print(
+                f"resumed from step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})"
+            )
+    log = MetricsLog(output_dir, enabled=rank == 0)
+
+    def checkpoint(tag: str, save_latest: bool = True) -> None:
+        engine.save_checkpoint(
+            str(checkpoints),
+            tag=tag,
+            client_state={"state": dict(state), "torch_rng": torch.get_rng_state()},
+            save_latest=save_latest,
+        )
+
+    progress = tqdm(
+        total=total_steps, initial=state["step"], disable=rank != 0, desc="teacher", unit="step"
+    )
+    window_start, window_samples = time.perf_counter(), 0
+    engine.train()
+    while state["step"] < total_steps and not state["stopped"]:
+        order = global_batch_order(
+            len(train_examples), global_batch, train_cfg["seed"], state["epoch"]
+        )
+        for batch_index in range(state["batch_in_epoch"], len(order)):
+            loss_sum = 0.0
+            for indices in micro_batches(order[batch_index], world, rank, train_cfg["grad_accum"]):
+                batch = collate([train_examples[i] for i in indices], data_cfg["mode"], device)
+                out = engine(**batch)
+                engine.backward(out.loss)
+                engine.step()
+                loss_sum += out.loss.item()
+            loss = torch.tensor(
+                loss_sum / train_cfg["grad_accum"], dtype=torch.float64, device=device
+            )
+            dist.all_reduce(loss)
+            state["step"] += 1
+            state["batch_in_epoch"] = batch_index + 1
+            window_samples += global_batch
+            step = state["step"]
+            record = {
+                "loss": loss.item() / world,
+                "lr": scheduler.get_last_lr()[0] if scheduler else train_cfg["lr"],
+            }
+            if step % train_cfg["log_every"] == 0 or step == 1:
+                record["samples_per_s"] = window_samples / (time.perf_counter() - window_start)
+                window_start, window_samples = time.perf_counter(), 0
+                progress.set_postfix(
+                    loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}"
+                )
+            log.log(step, record)
+            progress.update(1)
+
+            if step % train_cfg["eval_every"] == 0 or step == total_steps:
+                valid = evaluate(
+                    engine,
+                    valid_examples,
+                    train_cfg["eval_batch_size"],
+                    train_cfg["eval_exclude_history"],
+                    device,
+                )
+                log.log(step, {f"valid/{k}": v for k, v in valid.items()})
+                if valid["ndcg@10"] > state["best_ndcg"]:
+                    state["best_ndcg"], state["bad_evals"] = valid["ndcg@10"], 0
+                    checkpoint("best", save_latest=False)
+                else:
+                    state["bad_evals"] += 1
+                    state["stopped"] = state["bad_evals"] >= train_cfg["patience"]
+                if rank == 0:
+                    progress.write(
+                        f"step {step}: valid ndcg@10 {valid['ndcg@10']:.4f} hr@10 {valid['hr@10']:.4f}"
+                    )
+            if step % train_cfg["save_every"] == 0:
+                checkpoint(f"step{step}")
+            if train_cfg["kill_at_step"] == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if step >= total_steps or state["stopped"]:
+                break
+        else:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    progress.close()
+
+    # The best weights become the release: consolidated 16-bit, HF-style, loadable without DeepSpeed.
+    if (checkpoints / "best").is_dir():
+        # Optimizer states are loaded too although unused: DeepSpeed 0.19 ZeRO-3 without them
+        # rebuilds the weights from the `latest` tag instead of the one asked for.
+        engine.load_checkpoint(str(checkpoints), tag="best")
+    test = evaluate(
+        engine,
+        test_examples,
+        train_cfg["eval_batch_size"],
+        train_cfg["eval_exclude_history"],
+        device,
+    )
+    final = output_dir / "final"
+    staging = output_dir / "final.tmp"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
+    engine.save_16bit_model(str(staging), "consolidated.bin")
+    if rank == 0:
+        state_dict = torch.load(staging / "consolidated.bin", map_location="cpu", weights_only=True)
+        (staging / "consolidated.bin").unlink()
+        save_teacher_files(staging, config, state_dict)
+        shutil.copy(Path(data_cfg["dir"]) / ITEM_MAP_FILE, staging / ITEM_MAP_FILE)
+        save_config(cfg, staging / "run_config.yaml")
+        popularity = popularity_metrics(
+            [s for s in splits["train"]["items"]], test_examples, stats["items"]
+        )
+        metrics = {
+            "teacher": test,
+            "popularity": popularity,
+            "best_valid_ndcg@10": state["best_ndcg"],
+            "steps": state["step"],
+            "item_vocab_sha256": stats["item_vocab_sha256"],
+        }
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if final.exists():  # a resumed run that had already finished: the new release replaces it
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        log.log(state["step"], {f"test/{k}": v for k, v in test.items()})
+        print(json.dumps({"test": test, "popularity": popularity}))
+    log.close()
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
