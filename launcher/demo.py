@@ -107,6 +107,41 @@ def teacher_stage(out: Path, report: dict) -> None:
         report["metrics"][name] = {k: metrics[name][k] for k in ("hr@10", "ndcg@10", "mrr")}
 
 
+def precompute_stage(out: Path, report: dict) -> None:
+    shard_dir = out / "shards"
+    seconds = None
+    if not (shard_dir / "manifest.json").is_file():
+        seconds = run_stage(
+            "precompute",
+            deepspeed_command(
+                "trainer/precompute.py",
+                2,
+                [
+                    "--config",
+                    str(CONFIGS / "precompute_demo.yaml"),
+                    f"teacher={out / 'teacher/final'}",
+                    f"data.dir={out / 'data'}",
+                    f"output_dir={shard_dir}",
+                ],
+            ),
+            env=CPU_ENV,
+        )
+        run_stage(
+            "check shards", [sys.executable, "trainer/check_shards.py", str(shard_dir), "--quiet"]
+        )
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    full_logits = manifest["positions"] * manifest["num_items"] * 4
+    report["stages"]["precompute"] = {
+        "examples": manifest["examples"],
+        "positions": manifest["positions"],
+        "shards": len(manifest["shards"]),
+        "topk": manifest["topk"],
+        "megabytes": round(manifest["bytes"] / 1e6, 2),
+        "bytes_vs_full_float32_logits": round(manifest["bytes"] / full_logits, 4),
+        "seconds": seconds,
+    }
+
+
 def write_report(out: Path, report: dict) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# recdistill demo report", ""]
@@ -150,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-STAGES = [data_stage, teacher_stage]
+STAGES = [data_stage, teacher_stage, precompute_stage]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -79,7 +79,9 @@ class TeacherOutput(ModelOutput):
         None  # [B, P, d_item]: P = L in sequence mode, 1 in prefix mode
     )
     loss: torch.Tensor | None = None  # mean over users of the mean over their target positions
-    hidden_states: dict[int, torch.Tensor] | None = None  # layer -> [B, H] at the last position
+    hidden_states: dict[int, torch.Tensor] | None = (
+        None  # layer -> [B, T, H], T = backbone positions
+    )
     stats: CatalogueStats | None = None
 
 
@@ -194,7 +196,7 @@ class LLMRecTeacher(nn.Module):
         ] = (),  # hidden_states indices: 0 = embeddings, i = after block i
         topk: int = 0,
         temperatures: tuple[float, ...] = (1.0,),
-        score: str | None = None,  # None | "last" | "all": catalogue statistics for these positions
+        score: str | None = None,  # None | "last" | "all" (real positions): catalogue statistics
         exclude: torch.Tensor
         | None = None,  # [B, X] ids left out of top-K and ranks (e.g. history)
     ) -> TeacherOutput:
@@ -211,9 +213,7 @@ class LLMRecTeacher(nn.Module):
             user_reps = self.user_out_proj(hidden[rows, last]).unsqueeze(1)  # [B, 1, d_item]
         result = TeacherOutput(user_reps=user_reps)
         if hidden_layers:
-            result.hidden_states = {
-                layer: out.hidden_states[layer][rows, last] for layer in hidden_layers
-            }
+            result.hidden_states = {layer: out.hidden_states[layer] for layer in hidden_layers}
         table = self.item_table()
         if targets is not None and score is None:
             result.loss = self._loss(user_reps, targets, table)
@@ -225,9 +225,14 @@ class LLMRecTeacher(nn.Module):
                     else user_reps[:, 0]
                 )
                 flat_targets = targets  # [B] or None
-            else:
-                reps = user_reps.reshape(-1, user_reps.shape[-1])
-                flat_targets = targets.reshape(-1) if targets is not None else None
+            else:  # every real position, row-major: user 0's positions, then user 1's, ...
+                positions = torch.arange(user_reps.shape[1], device=lengths.device)
+                valid = positions[None, :] < lengths[:, None]  # prefix mode: P = 1, always valid
+                reps = user_reps[valid]
+
+                flat_targets = (
+                    targets[valid] if targets is not None and targets.dim() == 2 else targets
+                )
             result.stats = catalogue_stats(
                 reps,
                 table,

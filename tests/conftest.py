@@ -76,3 +76,36 @@ def read_jsonl(path: Path) -> list[dict]:
 def losses_by_step(path: Path) -> dict[int, float]:
     """The last logged loss of each step (a resumed run logs the steps after its checkpoint again)."""
     return {r["step"]: r["loss"] for r in read_jsonl(path) if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def teacher_release(demo_data, tmp_path_factory) -> Path:
+    """An (untrained) tiny teacher saved as a release folder, for jobs that only need one."""
+    import shutil
+
+    import torch
+
+    from recdistill.models.teacher import LLMRecTeacher, TeacherConfig
+
+    stats = json.loads((demo_data / "stats.json").read_text())
+    backbone = {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 16,
+        "max_position_embeddings": 128,
+    }
+    torch.manual_seed(0)
+    model = LLMRecTeacher(
+        TeacherConfig(
+            num_items=stats["items"], backbone=backbone, item_dim=16, score_chunk_size=128
+        )
+    )
+    out = tmp_path_factory.mktemp("teacher_release") / "final"
+    model.save_pretrained(out)
+    shutil.copy(demo_data / "item_map.parquet", out / "item_map.parquet")
+    (out / "metrics.json").write_text(json.dumps({"item_vocab_sha256": stats["item_vocab_sha256"]}))
+    return out

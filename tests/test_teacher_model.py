@@ -35,9 +35,9 @@ def test_sequence_mode_padding_does_not_change_outputs():
     alone = model(*pad_right([seqs[1][:-1]]), hidden_layers=(1, 3))
     torch.testing.assert_close(out.user_reps[1, :1], alone.user_reps[0, :1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
-        out.hidden_states[3][1], alone.hidden_states[3][0], atol=1e-5, rtol=1e-5
+        out.hidden_states[3][1, :1], alone.hidden_states[3][0, :1], atol=1e-5, rtol=1e-5
     )
-    assert out.user_reps.shape == (2, 4, 16) and out.hidden_states[1].shape == (2, 32)
+    assert out.user_reps.shape == (2, 4, 16) and out.hidden_states[1].shape == (2, 4, 32)
 
 
 def test_sequence_loss_is_mean_of_per_user_means():

@@ -1,0 +1,180 @@
+"""Teacher precompute under the deepspeed launcher: rank invariance, kill + resume, corruption."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recdistill.models.teacher import LLMRecTeacher
+from recdistill.trainer.data.shards import (
+    ShardError,
+    decode_sample,
+    iter_tar_samples,
+    load_manifest,
+)
+
+from .conftest import ROOT, launch
+
+CONFIG = "configs/precompute_demo.yaml"
+
+
+def run_precompute(teacher, data, out, ranks, *overrides, check=True):
+    args = [
+        "--config",
+        CONFIG,
+        f"teacher={teacher}",
+        f"data.dir={data}",
+        f"output_dir={out}",
+        "shard_size=150",
+        "batch_size=40",
+        "topk=20",
+        *overrides,
+    ]
+    result = launch("trainer/precompute.py", args, ranks)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def all_samples(shard_dir: Path) -> dict[str, dict]:
+    samples = {}
+    for shard in load_manifest(shard_dir)["shards"]:
+        for key, blob in iter_tar_samples(shard_dir / shard["file"]):
+            assert key not in samples, f"duplicate {key}"
+            samples[key] = decode_sample(blob, key)
+    return samples
+
+
+@pytest.fixture(scope="module")
+def runs(teacher_release, demo_data, tmp_path_factory):
+    base = tmp_path_factory.mktemp("pre")
+    layers = "hidden_layers=[2,4]"
+    run_precompute(teacher_release, demo_data, base / "two", 2, layers)
+    run_precompute(teacher_release, demo_data, base / "one", 1, layers)
+    killed = run_precompute(
+        teacher_release, demo_data, base / "killed", 2, layers, "kill_after_batches=6", check=False
+    )
+    assert killed.returncode != 0 and not (base / "killed/manifest.json").exists()
+    run_precompute(teacher_release, demo_data, base / "killed", 2, layers)
+    return base
+
+
+def test_two_ranks_and_one_process_write_the_same_samples(runs):
+    two, one = all_samples(runs / "two"), all_samples(runs / "one")
+    assert sorted(two) == sorted(one) and len(two) == load_manifest(runs / "two")["examples"]
+    for key in two:
+        assert np.array_equal(two[key]["topk_ids"], one[key]["topk_ids"]), key
+        np.testing.assert_allclose(two[key]["topk_scores"], one[key]["topk_scores"], rtol=1e-3)
+        np.testing.assert_allclose(two[key]["hidden_4"], one[key]["hidden_4"], rtol=1e-3, atol=1e-3)
+
+
+def test_killed_and_resumed_run_has_exactly_the_uninterrupted_samples(runs):
+    resumed, uninterrupted = all_samples(runs / "killed"), all_samples(runs / "two")
+    assert sorted(resumed) == sorted(uninterrupted)
+    assert not list((runs / "killed").glob("*.tmp"))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "trainer/check_shards.py"), str(runs / "killed"), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_rerun_discards_half_written_group(runs, teacher_release, demo_data, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(runs / "two", out)
+    manifest = load_manifest(out)
+    victim = out / manifest["shards"][3]["file"]
+    group = int(victim.name.split("-")[1])
+    (out / f"group-{group:06d}.json").unlink()  # as if killed before the group's record was written
+    victim.write_bytes(victim.read_bytes()[:5000])
+    (out / "shard-999999-000.tar.tmp").write_bytes(b"junk")
+    run_precompute(teacher_release, demo_data, out, 2, "hidden_layers=[2,4]")
+    assert sorted(all_samples(out)) == sorted(all_samples(runs / "two"))
+    assert load_manifest(out)["shards"] == manifest["shards"]  # byte-identical shards again
+
+
+def test_samples_hold_what_the_teacher_computes(runs, teacher_release, demo_data):
+    manifest = load_manifest(runs / "two")
+    assert (
+        manifest["topk"] == 20
+        and manifest["temperatures"] == [1.0, 2.0]
+        and manifest["hidden_layers"] == [2, 4]
+    )
+    samples = all_samples(runs / "two")
+    key = sorted(samples)[5]
+    sample = samples[key]
+    teacher = LLMRecTeacher.from_pretrained(teacher_release)
+    items = torch.tensor(sample["item_ids"], dtype=torch.long)[None]
+    with torch.no_grad():
+        out = teacher(items, torch.tensor([items.shape[1]]), hidden_layers=(4,))
+        scores = out.user_reps[0] @ teacher.item_table().T
+    scores[:, 0] = float("-inf")
+    assert np.array_equal(sample["topk_ids"], scores.topk(20, dim=1).indices.numpy())
+    logsumexp = torch.logsumexp(scores, dim=1).numpy()
+    np.testing.assert_allclose(sample["logsumexp"][:, 0], logsumexp, rtol=1e-5)
+    np.testing.assert_allclose(
+        sample["logsumexp"][:, 1], torch.logsumexp(scores / 2, 1).numpy(), rtol=1e-5
+    )
+    target_scores = scores.gather(1, torch.tensor(sample["targets"], dtype=torch.long)[:, None])[
+        :, 0
+    ].numpy()
+    np.testing.assert_allclose(
+        sample["target_logprob"], target_scores - logsumexp, rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        sample["confidence"], logsumexp[:, None] - sample["topk_scores"], rtol=2e-3, atol=2e-3
+    )
+    assert sample["hidden_positions"].tolist() == [len(sample["item_ids"]) - 1]
+    np.testing.assert_allclose(
+        sample["hidden_4"][0], out.hidden_states[4][0, -1].numpy(), rtol=2e-3, atol=2e-3
+    )
+
+
+def test_bytes_per_position_far_below_full_logits(runs):
+    manifest = load_manifest(runs / "two")
+    per_position = manifest["bytes"] / manifest["positions"]
+    assert per_position < 0.5 * 4 * manifest["num_items"]
+
+
+def corrupt_copy(src: Path, dst: Path, how: str) -> str:
+    shutil.copytree(src, dst)
+    shard = dst / load_manifest(dst)["shards"][1]["file"]
+    data = bytearray(shard.read_bytes())
+    if how == "truncate":
+        shard.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # flip one byte inside the second sample's payload
+        with tarfile.open(shard) as tar:
+            member = [m for m in tar.getmembers() if m.isfile()][1]
+        data[member.offset_data + member.size // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    return shard.name
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_checker_names_the_bad_shard(runs, tmp_path, how):
+    name = corrupt_copy(runs / "two", tmp_path / "bad", how)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "trainer/check_shards.py"), str(tmp_path / "bad"), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    bad_lines = [line for line in result.stderr.splitlines() if line.startswith("BAD")]
+    assert bad_lines and all(name in line for line in bad_lines)
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_sample_reader_names_the_bad_shard(runs, tmp_path, how):
+    name = corrupt_copy(runs / "two", tmp_path / "bad", how)
+    shard = tmp_path / "bad" / name
+    with pytest.raises(ShardError, match=name):
+        for key, blob in iter_tar_samples(shard):
+            decode_sample(blob, f"{shard}:{key}")

@@ -1,0 +1,430 @@
+"""Run the fine-tuned teacher once over the training data; write its outputs as webdataset shards.
+
+    deepspeed --num_gpus 8 trainer/precompute.py --config configs/precompute_demo.yaml [key=value ...]
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 trainer/precompute.py --config configs/precompute_demo.yaml
+
+Per sample (one tar entry, a safetensors blob): input item ids, targets, the teacher's top-K ids
+(int32) and scores (float16), confidence per candidate (-log p under the teacher's full-catalogue
+softmax), log-sum-exp over the whole catalogue per temperature, log p of the true next item, and
+hidden states of the configured layers at the configured positions (float16 / bfloat16 / int8
+with a per-row scale). Once per run: the teacher's item table and manifest.json.
+
+Examples are planned in groups of `shard_size` independent of the number of ranks; rank r
+writes groups r, r + world, ... A rerun skips groups whose shards match their record and redoes
+the rest, so any kill and rerun ends with exactly the samples of an uninterrupted run.
+
+Inference: `data_parallel` (default) runs one full copy of the teacher per rank; `zero3` shards
+a teacher too large for one device across ranks with DeepSpeed ZeRO-3, every rank running the
+same number of forward passes (ranks with fewer batches run padding passes: ZeRO-3 gathers
+parameters collectively, so unequal counts deadlock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from recdistill.models.teacher import WEIGHTS_FILE, LLMRecTeacher, load_teacher_config
+from recdistill.trainer.config import load_config, save_config
+from recdistill.trainer.data.batches import pad_right, select_prefixes
+from recdistill.trainer.data.pipeline import load_sequences
+from recdistill.trainer.data.shards import (
+    ITEM_TABLE_FILE,
+    MANIFEST,
+    ShardSink,
+    discard_group,
+    sha256_file,
+    verify_group,
+    write_json_atomic,
+)
+from recdistill.trainer.teacher import local_world_size
+
+DEFAULTS: dict = {
+    "teacher": None,  # a teacher release folder (OUTPUT/final of trainer/teacher.py)
+    "data": {"dir": None, "mode": "sequence", "prefixes": "all", "max_len": 50},
+    "output_dir": None,
+    "topk": 50,
+    "temperatures": [1.0],
+    "hidden_layers": [],  # teacher hidden_states indices (i = after block i) to store
+    "hidden_positions": [
+        -1
+    ],  # sequence mode: positions (from the end) whose hidden states are stored
+    "hidden_dtype": "float16",  # float16 | bfloat16 | int8
+    "batch_size": 64,
+    "shard_size": 1000,  # examples per group (the unit of work and of resume)
+    "shard_max_bytes": 256_000_000,  # a group's tar files roll over at this size
+    "inference": "data_parallel",  # data_parallel | zero3
+    "dtype": "float32",  # data_parallel: float32 | bfloat16 | float16
+    "deepspeed_config": "ds_configs/zero3_bf16.json",  # zero3 inference
+    "kill_after_batches": None,  # fault injection for tests: SIGKILL rank 0 after that many batches
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", required=True, help="precompute config (YAML or JSON); see configs/"
+    )
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. topk=100 batch_size=256"
+    )
+    return parser.parse_args(argv)
+
+
+# ---- examples ------------------------------------------------------------------------------
+
+
+def plan_examples(train_items: list, data_cfg: dict) -> list[tuple[str, int, list[int], list[int]]]:
+    """(key, user row, input items, targets) in a fixed order that does not depend on ranks.
+
+    Sequence mode: one example per user, every position a target. Prefix mode: one per chosen
+    history prefix, with a single target.
+    """
+    max_len = data_cfg["max_len"]
+    examples = []
+    for row, items in enumerate(train_items):
+        if len(items) < 2:
+            continue
+        if data_cfg["mode"] == "sequence":
+            seq = items[-(max_len + 1) :]
+            examples.append((f"u{row:09d}", row, seq[:-1], seq[1:]))
+        else:
+            for t in select_prefixes(len(items), data_cfg["prefixes"]):
+                examples.append(
+                    (f"u{row:09d}t{t:05d}", row, items[max(0, t - max_len) : t], [items[t]])
+                )
+    return examples
+
+
+# ---- the teacher ---------------------------------------------------------------------------
+
+
+def load_teacher_data_parallel(path: Path, dtype: str, device) -> LLMRecTeacher:
+    return LLMRecTeacher.from_pretrained(path).to(device=device, dtype=getattr(torch, dtype))
+
+
+def load_teacher_zero3(path: Path, ds_config_path: str):
+    """A ZeRO-3 partitioned teacher: built under zero.Init, each weight loaded on rank 0 and
+    scattered, so no rank ever holds the whole model."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from recdistill.models.teacher import import_backbone_modules
+
+    config = load_teacher_config(path)
+    ds_config = json.loads(Path(ds_config_path).read_text())
+    ds_config.pop("optimizer", None)
+    ds_config.pop("scheduler", None)
+    ds_config["train_micro_batch_size_per_gpu"] = 1
+    import_backbone_modules(config)
+    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = LLMRecTeacher(config, load_backbone_weights=False)
+    rank = dist.get_rank()
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as weights:
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if rank == 0:
+                    param.data.copy_(weights.get_tensor(name))
+    engine = deepspeed.initialize(model=model, config=ds_config)[0]
+    engine.eval()
+    return engine
+
+
+# ---- samples -------------------------------------------------------------------------------
+
+
+def pack_hidden(hidden: torch.Tensor, dtype: str) -> dict[str, np.ndarray]:
+    """[P, H] hidden states in the stored dtype (bfloat16 travels as its uint16 bits)."""
+    if dtype == "float16":
+        return {"": hidden.to(torch.float16).cpu().numpy()}
+    if dtype == "bfloat16":
+        return {"": hidden.to(torch.bfloat16).view(torch.uint16).cpu().numpy()}
+    if dtype == "int8":
+        scale = hidden.float().abs().amax(dim=-1).clamp(min=1e-12) / 127.0  # [P]
+        quantized = torch.round(hidden.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return {"": quantized.cpu().numpy(), "_scale": scale.cpu().numpy().astype(np.float32)}
+    raise ValueError(f"hidden_dtype {dtype!r}: use float16, bfloat16 or int8")
+
+
+def temperatures_of(cfg: dict) -> tuple[float, ...]:
+    """Temperature 1 first (confidence and log p use it), then the others the config lists."""
+    return (1.0, *[float(t) for t in cfg["temperatures"] if float(t) != 1.0])
+
+
+def hidden_positions(length: int, wanted: list[int]) -> list[int]:
+    """Sequence mode: the configured positions (negative = from the end) inside a sequence."""
+    return sorted({min(max(length + p if p < 0 else p, 0), length - 1) for p in wanted})
+
+
+def batch_samples(
+    teacher, num_items: int, examples: list, cfg: dict, device
+) -> list[tuple[str, dict]]:
+    """One teacher forward for a batch of examples; returns (key, arrays) per example."""
+
+    sequence_mode = cfg["data"]["mode"] == "sequence"
+    inputs, lengths = pad_right([e[2] for e in examples])
+    if sequence_mode:
+        targets, _ = pad_right([e[3] for e in examples], length=inputs.shape[1])
+    else:
+        targets = torch.tensor([e[3][0] for e in examples])
+    inputs, lengths, targets = inputs.to(device), lengths.to(device), targets.to(device)
+    with torch.no_grad():
+        out = teacher(
+            inputs,
+            lengths,
+            targets=targets,
+            hidden_layers=tuple(cfg["hidden_layers"]),
+            topk=min(cfg["topk"], num_items),
+            temperatures=temperatures_of(cfg),
+            score="all",
+        )
+    stats = out.stats  # rows: every real position, user by user
+    confidence = stats.logsumexp[:, :1] - stats.topk_scores  # -log p of each candidate
+    target_logprob = stats.target_scores - stats.logsumexp[:, 0]
+    # The last real position of each row in the backbone's input (prefix mode: after the prompt).
+    last = inputs.new_tensor([len(cfg["_prefix_ids"])]) + lengths + len(cfg["_suffix_ids"]) - 1
+    samples, offset = [], 0
+    for row, (key, user_row, item_ids, example_targets) in enumerate(examples):
+        rows = slice(offset, offset + len(example_targets))
+        offset += len(example_targets)
+        arrays = {
+            "item_ids": np.asarray(item_ids, dtype=np.int32),
+            "targets": np.asarray(example_targets, dtype=np.int32),
+            "topk_ids": stats.topk_ids[rows].to(torch.int32).cpu().numpy(),
+            "topk_scores": stats.topk_scores[rows].to(torch.float16).cpu().numpy(),
+            "confidence": confidence[rows].to(torch.float16).cpu().numpy(),
+            "logsumexp": stats.logsumexp[rows].float().cpu().numpy(),
+            "target_logprob": target_logprob[rows].float().cpu().numpy(),
+        }
+        if cfg["hidden_layers"]:
+            if sequence_mode:
+                positions = hidden_positions(len(item_ids), cfg["hidden_positions"])
+            else:
+                positions = [int(last[row])]
+            arrays["hidden_positions"] = np.asarray(positions, dtype=np.int32)
+            for layer in cfg["hidden_layers"]:
+                packed = pack_hidden(out.hidden_states[layer][row, positions], cfg["hidden_dtype"])
+                arrays.update(
+                    {f"hidden_{layer}{suffix}": value for suffix, value in packed.items()}
+                )
+        arrays["user_row"] = np.asarray([user_row], dtype=np.int64)  # row of the train split
+        samples.append((key, arrays))
+
+    return samples
+
+
+def teacher_id(teacher_dir: Path) -> dict:
+    config_bytes = (teacher_dir / "teacher_config.json").read_bytes()
+    return {
+        "path": str(teacher_dir.resolve()),
+        "weights_sha256": sha256_file(teacher_dir / WEIGHTS_FILE),
+        "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
+    }
+
+
+def save_item_table(teacher, path: Path) -> None:
+    module = getattr(teacher, "module", teacher)
+    weight = module.item_embeddings.weight
+    with (
+        deepspeed.zero.GatheredParameters([weight]) if hasattr(weight, "ds_id") else _nullcontext()
+    ):
+        table = weight.detach().float().cpu().clone()
+    if dist.get_rank() == 0:
+        save_file({"weight": table}, str(path))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---- the job -------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides, DEFAULTS)
+    teacher_dir, out_dir = Path(cfg["teacher"]), Path(cfg["output_dir"])
+
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(
+        deepspeed.get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", 0))
+    )
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
+    else:
+        deepspeed.get_accelerator().set_device(device.index)
+
+    model_config = load_teacher_config(teacher_dir)
+    splits, stats = load_sequences(cfg["data"]["dir"])
+    teacher_metrics = (
+        json.loads((teacher_dir / "metrics.json").read_text())
+        if (teacher_dir / "metrics.json").is_file()
+        else {}
+    )
+    if (
+        teacher_metrics.get("item_vocab_sha256", stats["item_vocab_sha256"])
+        != stats["item_vocab_sha256"]
+    ):
+        raise SystemExit(
+            f"{teacher_dir} was trained on another item vocabulary than {cfg['data']['dir']}"
+        )
+    if model_config.mode != cfg["data"]["mode"]:
+        raise SystemExit(
+            f"teacher was trained in {model_config.mode} mode, data.mode is {cfg['data']['mode']}"
+        )
+    cfg["_prefix_ids"], cfg["_suffix_ids"] = (
+        model_config.prompt_prefix_ids,
+        model_config.prompt_suffix_ids,
+    )
+    if cfg["data"]["mode"] == "sequence":
+        cfg["_prefix_ids"], cfg["_suffix_ids"] = [], []
+
+    examples = plan_examples(splits["train"]["items"], cfg["data"])
+    size = cfg["shard_size"]
+    groups = [(g, examples[g * size : (g + 1) * size]) for g in range(-(-len(examples) // size))]
+    mine = [(g, members) for g, members in groups if g % world == rank]
+
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / MANIFEST).unlink(missing_ok=True)  # rewritten at the end, over every group
+        for scratch in out_dir.glob("*.tmp"):
+            scratch.unlink()
+    dist.barrier()
+
+    if cfg["inference"] == "zero3":
+        teacher = load_teacher_zero3(teacher_dir, cfg["deepspeed_config"])
+    elif cfg["inference"] == "data_parallel":
+        teacher = load_teacher_data_parallel(teacher_dir, cfg["dtype"], device)
+    else:
+        raise SystemExit(f"inference {cfg['inference']!r}: use data_parallel or zero3")
+
+    todo = []
+    for group, members in mine:
+        if verify_group(out_dir, group, len(members)) is None:
+            discard_group(out_dir, group)
+            todo.append((group, members))
+    batches_todo = sum(-(-len(m) // cfg["batch_size"]) for _, m in todo)
+    if rank == 0 or todo:
+        print(
+            f"rank {rank}: {len(mine) - len(todo)} of {len(mine)} groups already done, {len(todo)} to write"
+        )
+
+    sink = ShardSink(out_dir, max_count=size, max_bytes=cfg["shard_max_bytes"])
+    progress = tqdm(
+        total=sum(len(m) for _, m in todo), desc=f"precompute rank {rank}", unit="ex", position=rank
+    )
+    started, forwards = time.perf_counter(), 0
+    for group, members in todo:
+        sink.start_group(group)
+        for start in range(0, len(members), cfg["batch_size"]):
+            batch = members[start : start + cfg["batch_size"]]
+            for key, arrays in batch_samples(teacher, model_config.num_items, batch, cfg, device):
+                sink.put(key, arrays)
+            forwards += 1
+            progress.update(len(batch))
+            if cfg["kill_after_batches"] == forwards and rank == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+            elapsed = time.perf_counter() - started
+            progress.set_postfix(
+                ex_s=f"{progress.n / elapsed:.1f}", MB=f"{sink.bytes_written / 1e6:.1f}"
+            )
+        sink.end_group()
+    if cfg["inference"] == "zero3":
+        # Every rank must run as many ZeRO-3 forwards as the busiest one.
+        most = torch.tensor([batches_todo], device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        for _ in range(int(most) - forwards):
+            batch_samples(teacher, model_config.num_items, examples[:1], cfg, device)
+    sink.close()
+    progress.close()
+
+    save_item_table(teacher, out_dir / ITEM_TABLE_FILE)
+    dist.barrier()
+    if rank == 0:
+        write_manifest(out_dir, cfg, groups, stats, model_config, teacher_dir)
+    dist.barrier()
+    return 0
+
+
+def write_manifest(
+    out_dir: Path, cfg: dict, groups: list, stats: dict, model_config, teacher_dir: Path
+) -> None:
+    records = []
+    for group, members in groups:
+        record = verify_group(out_dir, group, len(members))
+        if record is None:
+            raise SystemExit(f"{out_dir}: group {group} is incomplete after the run")
+        records.append({**record, "examples": len(members)})
+    shards = [shard for record in records for shard in record["shards"]]
+    manifest = {
+        "format": "recdistill-teacher-shards/1",
+        "mode": cfg["data"]["mode"],
+        "teacher": teacher_id(teacher_dir),
+        "item_vocab_sha256": stats["item_vocab_sha256"],
+        "num_items": model_config.num_items,
+        "item_table": ITEM_TABLE_FILE,
+        "item_dim": model_config.item_dim,
+        "hidden_size": model_config.hidden_size,
+        "teacher_layers": model_config.num_layers,
+        "topk": min(cfg["topk"], model_config.num_items),
+        "temperatures": list(temperatures_of(cfg)),
+        "hidden_layers": list(cfg["hidden_layers"]),
+        "hidden_positions": list(cfg["hidden_positions"])
+        if cfg["data"]["mode"] == "sequence"
+        else ["last"],
+        "dtypes": {
+            "topk_ids": "int32",
+            "topk_scores": "float16",
+            "confidence": "float16",
+            "logsumexp": "float32",
+            "target_logprob": "float32",
+            "hidden": cfg["hidden_dtype"],
+        },
+        "max_len": cfg["data"]["max_len"],
+        "data_dir": str(Path(cfg["data"]["dir"]).resolve()),
+        "examples": sum(len(m) for _, m in groups),
+        "positions": sum(len(e[3]) for _, m in groups for e in m),
+        "examples_per_group": cfg["shard_size"],
+        "bytes": sum(shard["bytes"] for shard in shards),
+        "shards": shards,
+    }
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    save_config(
+        {k: v for k, v in cfg.items() if not k.startswith("_")}, out_dir / "precompute_config.yaml"
+    )
+    print(
+        json.dumps(
+            {
+                "examples": manifest["examples"],
+                "positions": manifest["positions"],
+                "shards": len(shards),
+                "bytes": manifest["bytes"],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
