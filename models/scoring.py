@@ -88,6 +88,18 @@ def catalogue_cross_entropy(
     return _CatalogueCrossEntropy.apply(user_reps, item_table, targets, chunk_size)
 
 
+def catalogue_logsumexp(
+    user_reps: torch.Tensor, item_table: torch.Tensor, chunk_size: int = 8192
+) -> torch.Tensor:
+    """Differentiable log-sum-exp of each row's scores over the whole catalogue, [M], in chunks.
+
+    Cross-entropy is lse - target score, so lse = CE(target=1) + score of item 1.
+    """
+    ones = torch.ones(user_reps.shape[0], dtype=torch.long, device=user_reps.device)
+    target_scores = (user_reps * item_table[1]).sum(-1)
+    return catalogue_cross_entropy(user_reps, item_table, ones, chunk_size) + target_scores
+
+
 @dataclass
 class CatalogueStats:
     """What one pass over the catalogue yields for each row."""

@@ -109,3 +109,65 @@ def teacher_release(demo_data, tmp_path_factory) -> Path:
     shutil.copy(demo_data / "item_map.parquet", out / "item_map.parquet")
     (out / "metrics.json").write_text(json.dumps({"item_vocab_sha256": stats["item_vocab_sha256"]}))
     return out
+
+
+def accelerate_launch(
+    script: str, args: list[str], num_processes: int = 2, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """Run a job under the real `accelerate launch` with CPU processes, as a user would."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1"}
+    launcher = str(Path(sys.executable).parent / "accelerate")
+    command = [
+        launcher,
+        "launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+    ]
+    command += (
+        ["--multi_gpu", "--num_processes", str(num_processes)]
+        if num_processes > 1
+        else ["--num_processes", "1"]
+    )
+    command += [str(ROOT / script), *args]
+    return subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def pipeline(demo_data, tmp_path_factory) -> dict[str, Path]:
+    """The demo's teacher (2 ranks, ZeRO-3) and its shards, made once for every test that needs them."""
+    base = tmp_path_factory.mktemp("pipeline")
+    teacher = base / "teacher"
+    result = launch(
+        "trainer/teacher.py",
+        [
+            "--config",
+            "configs/teacher_demo.yaml",
+            f"data.dir={demo_data}",
+            f"train.output_dir={teacher}",
+            "train.log_every=1",
+        ],
+        2,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    shards = base / "shards"
+    result = launch(
+        "trainer/precompute.py",
+        [
+            "--config",
+            "configs/precompute_demo.yaml",
+            f"teacher={teacher / 'final'}",
+            f"data.dir={demo_data}",
+            f"output_dir={shards}",
+        ],
+        2,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {"data": demo_data, "teacher": teacher, "shards": shards}

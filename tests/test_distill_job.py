@@ -1,0 +1,143 @@
+"""The distillation job under the real `accelerate launch` (2 CPU processes) on real shards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT, accelerate_launch, launch, read_jsonl
+
+CONFIG = "configs/distill_demo.yaml"
+DLLM2REC = ["loss.ranking.enabled=true", "loss.embedding.enabled=true", "loss.embedding.weight=0.1"]
+LOGIT_KL = ["loss.logits.enabled=true", "loss.logits.temperature=1.0", "loss.logits.weight=2.0"]
+
+
+def run_distill(pipeline, out, *overrides, check=True, processes=2, shards=None):
+    args = [
+        "--config",
+        CONFIG,
+        f"data.dir={pipeline['data']}",
+        f"shards.dir={shards or pipeline['shards']}",
+        f"train.output_dir={out}",
+        *overrides,
+    ]
+    result = accelerate_launch("trainer/distill.py", args, processes)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def terms_by_step(out) -> dict[int, dict]:
+    return {r["step"]: r["terms"] for r in read_jsonl(out / "metrics.jsonl")}
+
+
+def test_distilled_student_beats_plain_student(pipeline, tmp_path):
+    run_distill(pipeline, tmp_path / "plain")
+    run_distill(pipeline, tmp_path / "distilled", *DLLM2REC, *LOGIT_KL)
+    plain = json.loads((tmp_path / "plain/final/metrics.json").read_text())["student"]
+    distilled = json.loads((tmp_path / "distilled/final/metrics.json").read_text())["student"]
+    assert distilled["ndcg@10"] > plain["ndcg@10"]
+    steps = terms_by_step(tmp_path / "distilled")
+    first, last = [steps[s] for s in sorted(steps)[:10]], [steps[s] for s in sorted(steps)[-10:]]
+    for term in ("next_item", "ranking", "logits"):
+        assert sum(t[term] for t in last) < sum(t[term] for t in first), term
+    # the evaluation CLI scores the saved students (collaborative embedding included) the same way
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "trainer/evaluate.py"),
+            "--data",
+            str(pipeline["data"]),
+            "--student",
+            str(tmp_path / "distilled/final"),
+            "--teacher",
+            str(pipeline["teacher"] / "final"),
+            "--output",
+            str(tmp_path / "eval.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "eval.json").read_text())["models"]
+    assert report["distilled"]["full"]["ndcg@10"] == pytest.approx(distilled["ndcg@10"], abs=1e-6)
+    assert report["distilled"]["speedup_vs_teacher"] > 0 and "| teacher |" in result.stdout
+
+
+def test_killed_run_resumes_exactly(pipeline, tmp_path):
+    common = [
+        "train.max_steps=40",
+        "train.save_every=20",
+        "train.eval_every=1000",
+        "train.log_every=5",
+        *DLLM2REC,
+    ]
+    run_distill(pipeline, tmp_path / "whole", *common)
+    killed = run_distill(pipeline, tmp_path / "cut", *common, "train.kill_at_step=30", check=False)
+    assert killed.returncode != 0 and not (tmp_path / "cut/final").exists()
+    run_distill(pipeline, tmp_path / "cut", *common, "--resume")
+    whole, resumed = terms_by_step(tmp_path / "whole"), terms_by_step(tmp_path / "cut")
+    assert sorted(resumed) == list(range(1, 41))
+    for step in range(21, 41):
+        for term, value in whole[step].items():
+            assert resumed[step][term] == pytest.approx(value, rel=1e-5), (step, term)
+
+
+def test_uneven_shards_with_workers_do_not_hang(pipeline, tmp_path):
+    shards = tmp_path / "uneven"
+    result = launch(
+        "trainer/precompute.py",
+        [
+            "--config",
+            "configs/precompute_demo.yaml",
+            f"teacher={pipeline['teacher'] / 'final'}",
+            f"data.dir={pipeline['data']}",
+            f"output_dir={shards}",
+            "shard_size=300",
+        ],
+        2,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = sorted(
+        s["count"] for s in json.loads((shards / "manifest.json").read_text())["shards"]
+    )
+    assert counts[0] < counts[-1] and len(counts) % 2 == 1  # 7 shards: uneven by size and by rank
+    run_distill(pipeline, tmp_path / "run", "shards.workers=2", "train.epochs=2", shards=shards)
+    assert json.loads((tmp_path / "run/final/metrics.json").read_text())["steps"] > 0
+
+
+def test_shards_of_another_vocabulary_are_refused(pipeline, tmp_path):
+    other = tmp_path / "other"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "trainer/prepare_data.py"),
+            "--format",
+            "synthetic",
+            "--users",
+            "300",
+            "--items",
+            "60",
+            "--events",
+            "6000",
+            "--output",
+            str(other),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    result = accelerate_launch(
+        "trainer/distill.py",
+        [
+            "--config",
+            CONFIG,
+            f"data.dir={other}",
+            f"shards.dir={pipeline['shards']}",
+            f"train.output_dir={tmp_path / 'x'}",
+        ],
+        1,
+    )
+    assert result.returncode != 0 and "another item vocabulary" in result.stderr

@@ -1,0 +1,77 @@
+"""Students: causal outputs at every position, padding invariance, files, LLaMA init from the teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recdistill.models import STUDENTS, LlamaStudent
+from recdistill.models.student_io import load_student
+from recdistill.models.teacher import LLMRecTeacher, TeacherConfig
+from recdistill.trainer.data.batches import pad_right
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "vocab_size": 8,
+    "max_position_embeddings": 32,
+}
+
+
+def make(architecture: str):
+    torch.manual_seed(0)
+    config_class, model_class = STUDENTS[architecture]
+    options = (
+        {"backbone": dict(TINY_LLAMA, num_hidden_layers=2), "item_dim": 8}
+        if architecture == "llama"
+        else {}
+    )
+    return model_class(config_class(num_items=20, max_len=12, **options)).eval()
+
+
+@pytest.mark.parametrize("architecture", list(STUDENTS))
+def test_outputs_are_causal_and_padding_invariant(architecture):
+    model = make(architecture)
+    ids, lengths = pad_right([[3, 4, 5, 6], [7, 8]])
+    out = model(ids, lengths)
+    assert out.user_reps.shape[:2] == (2, 4) and out.block_states
+    # position 1 of the first user only depends on items 3, 4
+    changed = model(*pad_right([[3, 4, 9, 10], [7, 8]])).user_reps
+    torch.testing.assert_close(changed[0, :2], out.user_reps[0, :2], atol=1e-5, rtol=1e-5)
+    alone = model(*pad_right([[7, 8]])).user_reps
+    torch.testing.assert_close(alone[0], out.user_reps[1, :2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", list(STUDENTS))
+def test_save_and_load(architecture, tmp_path):
+    model = make(architecture)
+    model.save_pretrained(tmp_path)
+    loaded = load_student(tmp_path)
+    ids, lengths = pad_right([[3, 4, 5]])
+    torch.testing.assert_close(loaded(ids, lengths).user_reps, model(ids, lengths).user_reps)
+
+
+def test_dllm2rec_defaults():
+    sasrec, caser = make("sasrec"), make("caser")
+    assert sasrec.config.hidden_size == 64 and sasrec.config.dropout == 0.1
+    assert caser.config.horizontal_heights == [2, 3, 4] and caser.config.horizontal_filters == 16
+
+
+def test_llama_student_from_teacher_layers(tmp_path):
+    torch.manual_seed(0)
+    teacher = LLMRecTeacher(TeacherConfig(num_items=20, backbone=TINY_LLAMA, item_dim=8)).eval()
+    teacher.save_pretrained(tmp_path)
+    every_other = LlamaStudent.from_teacher(tmp_path, [0, 2]).eval()
+    assert every_other.config.backbone["num_hidden_layers"] == 2
+    torch.testing.assert_close(
+        every_other.model.backbone.layers[1].mlp.up_proj.weight,
+        teacher.backbone.layers[2].mlp.up_proj.weight,
+    )
+    # all layers copied: the student is the teacher
+    full = LlamaStudent.from_teacher(tmp_path, [0, 1, 2, 3]).eval()
+    ids, lengths = pad_right([[3, 4, 5]])
+    torch.testing.assert_close(full(ids, lengths).user_reps, teacher(ids, lengths).user_reps)

@@ -1,0 +1,548 @@
+"""Distil a student from precomputed teacher shards with Accelerate; the teacher is never loaded.
+
+    accelerate launch trainer/distill.py --config configs/distill_demo.yaml [key=value ...]
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 trainer/distill.py \
+        --config configs/distill_demo.yaml
+
+Recipe: parse config -> check the shards against the data (item vocabulary) -> build the student
+and the distillation objective (DLLM2Rec ranking + collaborative embeddings, SLMRec alignment +
+multiple supervision, top-K logit KL; each term switchable) -> stream the shards (split by rank
+and worker, not through accelerator.prepare) -> train with periodic full-ranking validation,
+early stopping, Accelerate checkpoints (model, optimizer, scheduler, RNG, data position) ->
+save the best student (`save_pretrained`) with its test metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import get_scheduler
+
+from recdistill.models import STUDENTS, LlamaStudent
+from recdistill.models.distillation import LOSS_DEFAULTS, DistillationObjective
+from recdistill.models.student_io import load_student
+from recdistill.trainer.config import load_config, save_config
+from recdistill.trainer.data.pipeline import load_sequences
+from recdistill.trainer.data.shard_stream import TeacherShardStream, make_loader
+from recdistill.trainer.data.shards import ITEM_TABLE_FILE, ShardError, load_manifest, sha256_file
+from recdistill.trainer.evaluate import all_reduce_sums, eval_examples, ranking_sums
+from recdistill.trainer.metrics import finalize
+
+DEFAULTS: dict = {
+    "data": {
+        "dir": None,
+        "max_len": 50,
+    },  # the student's prepared data (validation, test, vocabulary)
+    "shards": {
+        "dir": None,  # trainer/precompute.py output
+        "mode": "exact",  # exact (resumes mid-epoch exactly) | resampled (restart-safe, no data state)
+        "workers": 1,  # DataLoader workers per rank
+        "shuffle_buffer": 1000,  # resampled mode's sample shuffle buffer
+        "on_error": "raise",  # raise | skip (damaged shards skipped whole, counted and logged)
+        "verify_checksums": False,  # sha256 of every shard at start (reads all of them once)
+    },
+    "student": {
+        "architecture": "sasrec",  # sasrec | gru4rec | caser | llama
+        "options": {},  # the architecture's config fields (hidden_size, num_blocks, dropout, ...)
+        "init": "scratch",  # llama: scratch | teacher | base
+        "teacher_dir": None,  # llama init=teacher: the teacher release folder
+        "teacher_layers": [],  # llama init=teacher: 0-based teacher layers to copy
+        "base_path": None,  # llama init=base: local base LLM checkpoint
+        "num_layers": 2,  # llama init=base: first n layers
+    },
+    "loss": LOSS_DEFAULTS,
+    "train": {
+        "output_dir": None,
+        "batch_size": 64,  # per rank
+        "grad_accum": 1,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "warmup_steps": 0,
+        "epochs": 10,
+        "max_steps": None,
+        "seed": 0,
+        "mixed_precision": "no",  # no | bf16 | fp16
+        "log_every": 10,
+        "eval_every": 100,
+        "eval_batch_size": 256,
+        "eval_exclude_history": False,
+        "save_every": 100,
+        "keep_checkpoints": 2,
+        "patience": 5,
+        "kill_at_step": None,  # fault injection for tests: SIGKILL after that optimizer step
+    },
+}
+DISTILL_FILE = "distillation.json"
+COLLABORATIVE_FILE = "collaborative_embedding.safetensors"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", required=True, help="distillation config (YAML or JSON); see configs/"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in OUTPUT/checkpoints",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides, e.g. loss.ranking.enabled=true train.lr=5e-4",
+    )
+    return parser.parse_args(argv)
+
+
+# ---- parts ---------------------------------------------------------------------------------
+
+
+def check_shards_match_data(
+    shard_dir: Path, manifest: dict, stats: dict, verify_checksums: bool
+) -> None:
+    if (
+        manifest["item_vocab_sha256"] != stats["item_vocab_sha256"]
+        or manifest["num_items"] != stats["items"]
+    ):
+        raise ShardError(
+            f"{shard_dir}: teacher shards were computed over another item vocabulary "
+            f"({manifest['num_items']} items, sha256 {manifest['item_vocab_sha256'][:12]}) than the data "
+            f"({stats['items']} items, sha256 {stats['item_vocab_sha256'][:12]})"
+        )
+    for shard in manifest["shards"]:
+        path = shard_dir / shard["file"]
+        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+            raise ShardError(
+                f"{path}: missing or not the size the manifest records ({shard['bytes']} bytes)"
+            )
+        if verify_checksums and sha256_file(path) != shard["sha256"]:
+            raise ShardError(f"{path}: sha256 differs from the manifest")
+
+
+def build_student(student_cfg: dict, num_items: int, max_len: int):
+    architecture = student_cfg["architecture"]
+    if architecture not in STUDENTS:
+        raise ValueError(
+            f"student.architecture {architecture!r}: choose one of {', '.join(STUDENTS)}"
+        )
+    if architecture == "llama" and student_cfg["init"] == "teacher":
+        return LlamaStudent.from_teacher(
+            student_cfg["teacher_dir"], list(student_cfg["teacher_layers"]), max_len
+        )
+    if architecture == "llama" and student_cfg["init"] == "base":
+        return LlamaStudent.from_base(
+            student_cfg["base_path"], student_cfg["num_layers"], num_items, max_len=max_len
+        )
+    config_class, model_class = STUDENTS[architecture]
+    return model_class(config_class(num_items=num_items, max_len=max_len, **student_cfg["options"]))
+
+
+def block_dims(student, max_len: int) -> list[int]:
+    """Width of each student block's output, read off one tiny forward."""
+    with torch.no_grad():
+        was_training = student.training
+        out = student.eval()(torch.ones(1, 2, dtype=torch.long), torch.tensor([2]))
+        student.train(was_training)
+    return [state.shape[-1] for state in out.block_states]
+
+
+def save_distilled(objective: DistillationObjective, directory: Path, cfg: dict) -> None:
+    """The student's own files, plus what evaluation needs of the distillation (the collaborative
+    embedding, which changes the item table)."""
+    objective.student.save_pretrained(directory)
+    if objective.collaborative is not None:
+        save_file(
+            {
+                k: v.detach().cpu().contiguous()
+                for k, v in objective.collaborative.state_dict().items()
+            },
+            str(directory / COLLABORATIVE_FILE),
+        )
+    (directory / DISTILL_FILE).write_text(json.dumps({"loss": cfg["loss"]}, indent=2) + "\n")
+
+
+def load_distilled(directory: str | Path) -> DistillationObjective:
+    """A student release ready to score (with its collaborative embedding when it has one)."""
+    directory = Path(directory)
+    student = load_student(directory)
+    loss_cfg = (
+        json.loads((directory / DISTILL_FILE).read_text())["loss"]
+        if (directory / DISTILL_FILE).is_file()
+        else LOSS_DEFAULTS
+    )
+    inference_cfg = {
+        **LOSS_DEFAULTS,
+        "chunk_size": loss_cfg.get("chunk_size", 8192),
+        "embedding": loss_cfg.get("embedding", LOSS_DEFAULTS["embedding"]),
+    }
+    teacher_table = None
+    if inference_cfg["embedding"]["enabled"]:
+        teacher_table = load_file(str(directory / COLLABORATIVE_FILE))["teacher_table"]
+    objective = DistillationObjective(student, inference_cfg, None, teacher_table)
+    if objective.collaborative is not None:
+        objective.collaborative.load_state_dict(load_file(str(directory / COLLABORATIVE_FILE)))
+    return objective.eval()
+
+
+class TrainState:
+    """Loop position and early-stopping state, checkpointed by Accelerate with everything else."""
+
+    def __init__(self):
+        self.values = {
+            "step": 0,
+            "epoch": 0,
+            "batch_in_epoch": 0,
+            "best_ndcg": -1.0,
+            "bad_evals": 0,
+            "stopped": False,
+            "skipped_shards": 0,
+            "worker_positions": [],
+        }
+
+    def state_dict(self) -> dict:
+        return dict(self.values)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values.update(state)
+
+
+class LossWatch:
+    """Stops the job when a configured distillation term is NaN, or 0 for a whole logging window
+    (SLMRec's own code silently trains without distillation when a term fails)."""
+
+    def __init__(self, expected: list[str], window: int):
+        self.expected, self.window = expected, window
+        self.nonzero = {name: False for name in expected}
+        self.seen = 0
+
+    def update(self, terms: dict[str, float], step: int) -> None:
+        for name, value in terms.items():
+            if not math.isfinite(value):
+                raise RuntimeError(f"step {step}: loss term {name!r} is {value}")
+        for name in self.expected:
+            if name not in terms:
+                raise RuntimeError(
+                    f"step {step}: loss term {name!r} is configured on but was not computed"
+                )
+            self.nonzero[name] |= terms[name] != 0.0
+        self.seen += 1
+        if self.seen == self.window:
+            dead = [name for name, alive in self.nonzero.items() if not alive]
+            if dead:
+                raise RuntimeError(
+                    f"step {step}: loss term(s) {dead} configured on but 0 for the last {self.window} steps: "
+                    "check that the shards carry the teacher outputs they need"
+                )
+            self.nonzero = {name: False for name in self.expected}
+            self.seen = 0
+
+
+def expected_terms(loss_cfg: dict) -> list[str]:
+    names = ["next_item"]
+    if loss_cfg["ranking"]["enabled"]:
+        names.append("ranking")
+    if loss_cfg["logits"]["enabled"]:
+        names.append("logits")
+    align = loss_cfg["alignment"]
+    if align["enabled"]:
+        names += [name for name in ("align_cos", "align_l2") if align[f"{name[6:]}_weight"] > 0]
+        if align["multi_supervision_weight"] > 0:
+            names.append("multi_supervision")
+    return names
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    done = sorted(
+        p for p in checkpoints.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+    )
+    return done[-1] if done else None
+
+
+def next_batch(batches, state: dict, accelerator):
+    """The next batch, counting and logging the damaged shards the stream reports on the way."""
+    for item in batches:
+        if "item_ids" in item:
+            return item
+        for reason in item["skipped_shards"]:
+            state["skipped_shards"] += 1
+            print(
+                f"rank {accelerator.process_index}: skipped damaged shard "
+                f"({state['skipped_shards']} on this rank): {reason}",
+                file=sys.stderr,
+            )
+    return None
+
+
+def all_ranks_agree(flag: bool, device) -> bool:
+    """True only if every rank says True (a rank whose shards ran out ends the epoch for all)."""
+    value = torch.tensor([1 if flag else 0], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+# ---- the job -------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides, DEFAULTS)
+    data_cfg, shard_cfg, train_cfg, loss_cfg = cfg["data"], cfg["shards"], cfg["train"], cfg["loss"]
+    output_dir = Path(train_cfg["output_dir"])
+    checkpoints = output_dir / "checkpoints"
+    accelerator = Accelerator(
+        gradient_accumulation_steps=train_cfg["grad_accum"],
+        mixed_precision=train_cfg["mixed_precision"],
+        log_with="tensorboard",
+        project_dir=str(output_dir),
+    )
+    if accelerator.device.type == "cpu":  # ranks share the cores: oversubscription is 10x slower
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    set_seed(train_cfg["seed"])
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        if (output_dir / "final").exists() and not args.resume:
+            raise SystemExit(f"{output_dir}: a finished run is there; use another train.output_dir")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "run_config.yaml")
+
+    shard_dir = Path(shard_cfg["dir"])
+    manifest = load_manifest(shard_dir)
+    splits, stats = load_sequences(data_cfg["dir"])
+    check_shards_match_data(shard_dir, manifest, stats, shard_cfg["verify_checksums"])
+    valid_examples = eval_examples(splits, "valid", data_cfg["max_len"])
+    test_examples = eval_examples(splits, "test", data_cfg["max_len"])
+
+    student = build_student(cfg["student"], stats["items"], data_cfg["max_len"])
+    teacher_table = (
+        load_file(str(shard_dir / ITEM_TABLE_FILE))["weight"]
+        if loss_cfg["embedding"]["enabled"]
+        else None
+    )
+    objective = DistillationObjective(
+        student, loss_cfg, manifest, teacher_table, block_dims(student, data_cfg["max_len"])
+    )
+    optimizer = torch.optim.AdamW(
+        objective.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"]
+    )
+
+    stream = TeacherShardStream(
+        shard_dir,
+        manifest,
+        rank,
+        world,
+        train_cfg["batch_size"],
+        shard_cfg["workers"],
+        train_cfg["seed"],
+        shard_cfg["mode"],
+        shard_cfg["shuffle_buffer"],
+        shard_cfg["on_error"],
+    )
+    micro_per_epoch = []
+    for epoch in range(train_cfg["epochs"]):
+        stream.set_position(epoch)
+        micro_per_epoch.append(stream.steps_per_epoch())
+    if min(micro_per_epoch) < train_cfg["grad_accum"]:
+        raise SystemExit(
+            f"{shard_dir}: too few samples for one step of {world} x {train_cfg['batch_size']}"
+        )
+    total_steps = train_cfg["max_steps"] or sum(
+        n // train_cfg["grad_accum"] for n in micro_per_epoch
+    )
+    # Accelerate's prepared scheduler advances once per process at every optimizer step.
+    scheduler = get_scheduler(
+        "linear",
+        optimizer,
+        num_warmup_steps=train_cfg["warmup_steps"] * world,
+        num_training_steps=total_steps * world,
+    )
+
+    objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
+    model = accelerator.unwrap_model(objective)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if args.resume and (latest := latest_checkpoint(checkpoints)) is not None:
+        accelerator.load_state(str(latest))
+        accelerator.print(
+            f"resumed from {latest.name}: epoch {state.values['epoch']}, batch {state.values['batch_in_epoch']}"
+        )
+    accelerator.init_trackers("tensorboard")
+    watch = LossWatch(expected_terms(loss_cfg)[1:], train_cfg["log_every"])
+    s = state.values
+
+    def save_checkpoint() -> None:
+        stream.set_position(s["epoch"], s["batch_in_epoch"])
+        s["worker_positions"] = stream.worker_positions()
+        target = checkpoints / f"step-{s['step']:07d}"
+        scratch = target.with_name(target.name + ".tmp")
+        accelerator.save_state(str(scratch))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            os.replace(scratch, target)  # a kill mid-save leaves only a .tmp, never a broken latest
+            for old in sorted(checkpoints.glob("step-*"))[: -train_cfg["keep_checkpoints"]]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def validate() -> dict:
+        model.eval()
+        sums = ranking_sums(
+            lambda ids, lengths, targets: model.rank_targets(
+                ids, lengths, targets, train_cfg["eval_exclude_history"]
+            ),
+            valid_examples,
+            train_cfg["eval_batch_size"],
+            accelerator.device,
+            rank,
+            world,
+        )
+        model.train()
+        return finalize(all_reduce_sums(sums, accelerator.device))
+
+    progress = tqdm(
+        total=total_steps,
+        initial=s["step"],
+        desc="distill",
+        unit="step",
+        disable=not accelerator.is_main_process,
+    )
+    window = {"started": time.perf_counter(), "samples": 0, "terms": {}}
+    objective.train()
+    while s["step"] < total_steps and not s["stopped"]:
+        stream.set_position(s["epoch"], s["batch_in_epoch"])
+        micro_steps = stream.steps_per_epoch()
+        batches = iter(make_loader(stream, pin_memory=accelerator.device.type == "cuda"))
+        ran_out = False
+        while s["batch_in_epoch"] < micro_steps and s["step"] < total_steps and not s["stopped"]:
+            batch = next_batch(batches, s, accelerator)
+            if not all_ranks_agree(batch is not None, accelerator.device):
+                ran_out = True  # skipped shards left some rank short: the epoch ends for all
+                break
+            batch = {
+                key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()
+            }
+            with accelerator.accumulate(objective):
+                terms = objective(batch)
+                accelerator.backward(terms["total"])
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            s["batch_in_epoch"] += 1
+            window["samples"] += len(batch["lengths"]) * world
+            reduced = {
+                name: accelerator.reduce(value.detach(), reduction="mean").item()
+                for name, value in terms.items()
+            }
+            for name, value in reduced.items():
+                window["terms"][name] = window["terms"].get(name, 0.0) + value
+            if not accelerator.sync_gradients:
+                continue
+            s["step"] += 1
+            step = s["step"]
+            watch.update(reduced, step)
+            progress.update(1)
+            if step % train_cfg["log_every"] == 0:
+                elapsed = time.perf_counter() - window["started"]
+                record = {
+                    f"loss/{k}": v / (train_cfg["log_every"] * train_cfg["grad_accum"])
+                    for k, v in window["terms"].items()
+                }
+                record["samples_per_s"] = window["samples"] / elapsed
+                record["lr"] = scheduler.get_last_lr()[0]
+                skipped = torch.tensor(s["skipped_shards"], device=accelerator.device)
+                record["skipped_shards"] = int(accelerator.reduce(skipped, reduction="sum").item())
+                accelerator.log(record, step=step)
+                if accelerator.is_main_process:
+                    with open(output_dir / "metrics.jsonl", "a") as handle:
+                        handle.write(json.dumps({"step": step, "terms": reduced, **record}) + "\n")
+                progress.set_postfix(
+                    loss=f"{record['loss/total']:.4f}", samples_s=f"{record['samples_per_s']:.0f}"
+                )
+                window = {"started": time.perf_counter(), "samples": 0, "terms": {}}
+            elif accelerator.is_main_process:
+                with open(output_dir / "metrics.jsonl", "a") as handle:
+                    handle.write(json.dumps({"step": step, "terms": reduced}) + "\n")
+            if step % train_cfg["eval_every"] == 0 or step == total_steps:
+                valid = validate()
+                accelerator.log({f"valid/{k}": v for k, v in valid.items()}, step=step)
+                if valid["ndcg@10"] > s["best_ndcg"]:
+                    s["best_ndcg"], s["bad_evals"] = valid["ndcg@10"], 0
+                    if accelerator.is_main_process:
+                        save_file(
+                            {
+                                k: v.detach().cpu().contiguous()
+                                for k, v in model.state_dict().items()
+                            },
+                            str(output_dir / "best.safetensors"),
+                        )
+                else:
+                    s["bad_evals"] += 1
+                    s["stopped"] = s["bad_evals"] >= train_cfg["patience"]
+                if accelerator.is_main_process:
+                    progress.write(
+                        f"step {step}: valid ndcg@10 {valid['ndcg@10']:.4f} hr@10 {valid['hr@10']:.4f}"
+                    )
+            if step % train_cfg["save_every"] == 0:
+                save_checkpoint()
+            if train_cfg["kill_at_step"] == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+        if ran_out or s["batch_in_epoch"] >= micro_steps:
+            s["epoch"] += 1
+            s["batch_in_epoch"] = 0
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if (output_dir / "best.safetensors").is_file():
+        model.load_state_dict(load_file(str(output_dir / "best.safetensors")))
+    model.eval()
+    test = finalize(
+        all_reduce_sums(
+            ranking_sums(
+                lambda ids, lengths, targets: model.rank_targets(
+                    ids, lengths, targets, train_cfg["eval_exclude_history"]
+                ),
+                test_examples,
+                train_cfg["eval_batch_size"],
+                accelerator.device,
+                rank,
+                world,
+            ),
+            accelerator.device,
+        )
+    )
+    if accelerator.is_main_process:
+        staging = output_dir / "final.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_distilled(model, staging, cfg)
+        metrics = {
+            "student": test,
+            "best_valid_ndcg@10": s["best_ndcg"],
+            "steps": s["step"],
+            "skipped_shards": s["skipped_shards"],
+            "terms": expected_terms(loss_cfg),
+        }
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        shutil.rmtree(output_dir / "final", ignore_errors=True)
+        os.replace(staging, output_dir / "final")
+        print(json.dumps({"test": test}))
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

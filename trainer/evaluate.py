@@ -1,0 +1,246 @@
+"""Full-ranking evaluation of students and teachers, with inference speed side by side.
+
+    python trainer/evaluate.py --data runs/demo/data --student runs/demo/student/final \
+        --teacher runs/demo/teacher/final [--split test] [--sampled] [--device cpu]
+
+Full ranking over all N items (padding excluded): HR@{1,5,10,20}, NDCG@{5,10,20}, MRR. With
+--sampled also SLMRec's protocol: the target ranked among 999 seeded random negatives. Speed:
+users/s and median latency per batch of each model on the same device and batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recdistill.trainer.data.batches import even_shard, prefix_batch
+from recdistill.trainer.data.pipeline import load_sequences
+from recdistill.trainer.metrics import finalize, metric_sums
+
+RankFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
+]  # ids, lengths, targets -> ranks
+
+
+def eval_examples(splits, split: str, max_len: int) -> list[tuple[list[int], int]]:
+    return [
+        (history[-max_len:], target)
+        for history, target in zip(splits[split]["history"], splits[split]["target"])
+    ]
+
+
+def ranking_sums(
+    rank_fn: RankFn, examples: list, batch_size: int, device, rank: int = 0, world: int = 1
+) -> dict:
+    """Metric sums of this rank's share; every rank runs the same number of batches (padding
+    rows weigh 0), so a ZeRO-3 teacher never deadlocks. Add the sums over ranks, then finalize."""
+    indices, weights = even_shard(len(examples), world, rank, batch_size)
+    totals: dict[str, float] = {}
+    for start in range(0, len(indices), batch_size):
+        batch = prefix_batch(*zip(*[examples[i] for i in indices[start : start + batch_size]]))
+        ranks = rank_fn(
+            batch["item_ids"].to(device), batch["lengths"].to(device), batch["targets"].to(device)
+        )
+        part = metric_sums(ranks.cpu(), torch.from_numpy(weights[start : start + batch_size]))
+        totals = {key: totals.get(key, 0.0) + value for key, value in part.items()}
+    return totals
+
+
+def all_reduce_sums(sums: dict, device) -> dict:
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    packed = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(packed)
+    return dict(zip(keys, packed.tolist()))
+
+
+def popularity_metrics(train_items: list, examples: list, num_items: int) -> dict[str, float]:
+    """Baseline: every user gets the same ranking, by training-set item frequency."""
+    counts = np.bincount(
+        np.concatenate([np.asarray(s) for s in train_items]), minlength=num_items + 1
+    )
+    counts = counts[1:].astype(np.float64)
+    targets = np.asarray([t for _, t in examples])
+    ranks = (counts[None, :] > counts[targets - 1][:, None]).sum(1)
+    return finalize(metric_sums(torch.from_numpy(ranks)))
+
+
+def sampled_metrics(
+    score_fn,
+    examples: list,
+    num_items: int,
+    batch_size: int,
+    device,
+    negatives: int = 999,
+    seed: int = 0,
+) -> dict:
+    """SLMRec's protocol: rank of the target among `negatives` random items (seeded, target excluded)."""
+    rng = np.random.default_rng(seed)
+    totals: dict[str, float] = {}
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = prefix_batch(*zip(*chunk))
+        scores = score_fn(
+            batch["item_ids"].to(device), batch["lengths"].to(device)
+        ).cpu()  # [B, N + 1]
+        ranks = []
+        for row, (_, target) in enumerate(chunk):
+            pool = rng.choice(num_items - 1, size=min(negatives, num_items - 1), replace=False) + 1
+            pool = pool + (pool >= target)  # skip the target: ids 1..N without it
+            ranks.append(int((scores[row, pool] > scores[row, target]).sum()))
+        part = metric_sums(torch.tensor(ranks))
+        totals = {key: totals.get(key, 0.0) + value for key, value in part.items()}
+    return finalize(totals)
+
+
+def inference_speed(
+    score_fn, examples: list, batch_size: int, device, max_batches: int = 20
+) -> dict:
+    """Users/s and median latency per batch of full-catalogue scoring (after one warm-up batch)."""
+    batches = [
+        prefix_batch(*zip(*examples[s : s + batch_size]))
+        for s in range(0, len(examples), batch_size)
+    ]
+    batches = [b for b in batches if len(b["lengths"]) == batch_size][: max_batches + 1] or batches[
+        :2
+    ]
+    latencies, users = [], 0
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            ids, lengths = batch["item_ids"].to(device), batch["lengths"].to(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            score_fn(ids, lengths)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if index > 0 or len(batches) == 1:
+                latencies.append(time.perf_counter() - started)
+                users += len(lengths)
+    return {
+        "users_per_s": users / sum(latencies),
+        "latency_ms_per_batch": 1000 * float(np.median(latencies)),
+        "batch_size": batch_size,
+        "device": str(device),
+    }
+
+
+# ---- models behind one interface -------------------------------------------------------------
+
+
+def student_fns(directory: Path, device):
+    from recdistill.trainer.distill import load_distilled
+
+    objective = load_distilled(directory).to(device).eval()
+
+    def rank_fn(ids, lengths, targets):
+        return objective.rank_targets(ids, lengths, targets)
+
+    def score_fn(ids, lengths):
+        out, table = objective.encode(ids, lengths)
+        reps = out.user_reps[torch.arange(ids.shape[0], device=ids.device), lengths - 1]
+        scores = reps @ table.T
+        scores[:, 0] = float("-inf")
+        return scores
+
+    return rank_fn, score_fn, objective.student.config.max_len
+
+
+def teacher_fns(directory: Path, device):
+    from recdistill.models.teacher import LLMRecTeacher
+
+    teacher = LLMRecTeacher.from_pretrained(directory).to(device).eval()
+
+    def rank_fn(ids, lengths, targets):
+        with torch.no_grad():
+            return teacher(ids, lengths, targets=targets, score="last").stats.target_ranks
+
+    def score_fn(ids, lengths):
+        with torch.no_grad():
+            out = teacher(ids, lengths)
+        reps = out.user_reps[torch.arange(ids.shape[0], device=ids.device), lengths - 1]
+        scores = reps @ teacher.item_table().T
+        scores[:, 0] = float("-inf")
+        return scores
+
+    return rank_fn, score_fn, None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", required=True, help="prepared data folder (trainer/prepare_data.py output)"
+    )
+    parser.add_argument(
+        "--student", action="append", default=[], help="student release folder (repeatable)"
+    )
+    parser.add_argument("--teacher", help="teacher release folder")
+    parser.add_argument(
+        "--split", default="test", choices=["valid", "test"], help="split to rank (default test)"
+    )
+    parser.add_argument(
+        "--max-len", type=int, default=50, help="history length fed to the models (default 50)"
+    )
+    parser.add_argument("--batch-size", type=int, default=256, help="users per batch (default 256)")
+    parser.add_argument(
+        "--sampled", action="store_true", help="also SLMRec's 999-negative sampled protocol"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="torch device for both models (default cpu)"
+    )
+    parser.add_argument("--output", help="write the report JSON here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    splits, stats = load_sequences(args.data)
+    examples = eval_examples(splits, args.split, args.max_len)
+    models = [
+        (
+            Path(s).name if Path(s).name != "final" else Path(s).parent.name,
+            student_fns(Path(s), device),
+        )
+        for s in args.student
+    ]
+    if args.teacher:
+        models.append(("teacher", teacher_fns(Path(args.teacher), device)))
+    report = {"split": args.split, "users": len(examples), "models": {}}
+    for name, (rank_fn, score_fn, _) in models:
+        metrics = finalize(ranking_sums(rank_fn, examples, args.batch_size, device))
+        entry = {
+            "full": metrics,
+            "speed": inference_speed(score_fn, examples, args.batch_size, device),
+        }
+        if args.sampled:
+            entry["sampled"] = sampled_metrics(
+                score_fn, examples, stats["items"], args.batch_size, device
+            )
+        report["models"][name] = entry
+    if args.teacher and len(models) > 1:
+        teacher_speed = report["models"]["teacher"]["speed"]["users_per_s"]
+        for entry in report["models"].values():
+            entry["speedup_vs_teacher"] = entry["speed"]["users_per_s"] / teacher_speed
+    print("| model | HR@10 | NDCG@10 | MRR | users/s | ms/batch | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for name, entry in report["models"].items():
+        m, s = entry["full"], entry["speed"]
+        print(
+            f"| {name} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {m['mrr']:.4f} | {s['users_per_s']:.0f} | "
+            f"{s['latency_ms_per_batch']:.2f} | {entry.get('speedup_vs_teacher', 1.0):.1f}x |"
+        )
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
