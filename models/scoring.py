@@ -112,57 +112,65 @@ class CatalogueStats:
 
 
 @torch.no_grad()
+def _add_chunk_logsumexp(logsumexp: torch.Tensor, scores: torch.Tensor, temperature: float, in_place: bool) -> None:
+    """logsumexp <- logaddexp(logsumexp, logsumexp(scores / T)) with a single exp pass; `in_place`
+    lets it overwrite `scores` (the last use of the chunk) instead of allocating."""
+    chunk_max = scores.amax(dim=1)
+    chunk_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+    work = scores if in_place else scores.clone()
+    work.sub_(chunk_max[:, None]).div_(temperature).exp_()
+    logsumexp.copy_(torch.logaddexp(logsumexp, chunk_max / temperature + torch.log(work.sum(dim=1))))
+
+
 def catalogue_stats(
     user_reps: torch.Tensor,
     item_table: torch.Tensor,
     k: int = 0,
     targets: torch.Tensor | None = None,
-    temperatures: tuple[float, ...] = (1.0,),
+    temperatures: tuple[float, ...] = (),
     chunk_size: int = 8192,
     exclude: torch.Tensor | None = None,
+    rank_targets: bool = True,
 ) -> CatalogueStats:
     """Running top-K, log-sum-exp per temperature and target rank in one chunked pass.
 
-    `exclude` ([M, L] item ids, 0 = none) masks items (e.g. a user's history) out of the top-K
-    and the rank; the log-sum-exp always covers the whole catalogue.
+    `rank_targets=False` skips the ranks when only the targets' scores are wanted. `exclude`
+    ([M, L] item ids, 0 = none) masks items (e.g. a user's history) out of the top-K and the rank;
+    the log-sum-exp always covers the whole catalogue.
     """
-    n_rows, m, device, dtype = (
-        item_table.shape[0],
-        user_reps.shape[0],
-        user_reps.device,
-        _compute_dtype(user_reps),
-    )
+    n_rows, m, device = item_table.shape[0], user_reps.shape[0], user_reps.device
+    dtype = _compute_dtype(user_reps)
     top_scores = torch.full((m, 0), float("-inf"), dtype=dtype, device=device)
     top_ids = torch.zeros((m, 0), dtype=torch.long, device=device)
     logsumexp = torch.full((m, len(temperatures)), float("-inf"), dtype=dtype, device=device)
     target_scores = ranks = None
     if targets is not None:
         target_scores = (user_reps.to(dtype) * item_table[targets].to(dtype)).sum(-1)
-        ranks = torch.zeros(m, dtype=torch.long, device=device)
+        ranks = torch.zeros(m, dtype=torch.long, device=device) if rank_targets else None
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
         scores = _chunk_scores(user_reps, item_table, start, end)
-        for t, temperature in enumerate(temperatures):
-            logsumexp[:, t] = torch.logaddexp(
-                logsumexp[:, t], torch.logsumexp(scores / temperature, dim=1)
-            )
+        masked = scores
         if exclude is not None:
+            masked = scores.clone()  # the log-sum-exp still needs every item
             inside = (exclude >= start) & (exclude < end) & (exclude > 0)
             rows, cols = inside.nonzero(as_tuple=True)
-            scores[rows, exclude[rows, cols] - start] = float("-inf")
-        if targets is not None:
-            ranks += (scores > target_scores[:, None]).sum(1)
+            masked[rows, exclude[rows, cols] - start] = float("-inf")
+        if ranks is not None:
+            ranks += (masked > target_scores[:, None]).sum(1)
             # The target's own column is computed by a matmul, `target_scores` elementwise: they
             # may differ in the last bit, and the target must never outrank itself.
             inside = (targets >= start) & (targets < end)
             rows = inside.nonzero(as_tuple=True)[0]
-            ranks[rows] -= (scores[rows, targets[rows] - start] > target_scores[rows]).long()
+            ranks[rows] -= (masked[rows, targets[rows] - start] > target_scores[rows]).long()
         if k:
             take = min(k, end - start)
-            chunk_top, chunk_idx = scores.topk(take, dim=1)
+            chunk_top, chunk_idx = masked.topk(take, dim=1)
             merged_scores = torch.cat([top_scores, chunk_top], dim=1)
             merged_ids = torch.cat([top_ids, chunk_idx + start], dim=1)
             keep = min(k, merged_scores.shape[1])
             top_scores, order = merged_scores.topk(keep, dim=1)
             top_ids = merged_ids.gather(1, order)
+        for t, temperature in enumerate(temperatures):  # last: the chunk is not needed any more
+            _add_chunk_logsumexp(logsumexp[:, t], scores, temperature, in_place=t == len(temperatures) - 1)
     return CatalogueStats(top_scores, top_ids, logsumexp, target_scores, ranks)

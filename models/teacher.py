@@ -195,10 +195,11 @@ class LLMRecTeacher(nn.Module):
             int, ...
         ] = (),  # hidden_states indices: 0 = embeddings, i = after block i
         topk: int = 0,
-        temperatures: tuple[float, ...] = (1.0,),
+        temperatures: tuple[float, ...] = (),  # with score: log-sum-exp at these temperatures
         score: str | None = None,  # None | "last" | "all" (real positions): catalogue statistics
         exclude: torch.Tensor
         | None = None,  # [B, X] ids left out of top-K and ranks (e.g. history)
+        rank_targets: bool = True,  # with score: also the targets' ranks
     ) -> TeacherOutput:
         embeds, mask, item_positions = self._inputs(item_ids, lengths)
         out = self.backbone(
@@ -241,6 +242,7 @@ class LLMRecTeacher(nn.Module):
                 temperatures=temperatures,
                 chunk_size=self.config.score_chunk_size,
                 exclude=exclude,
+                rank_targets=rank_targets,
             )
         return result
 

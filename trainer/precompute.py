@@ -194,6 +194,7 @@ def batch_samples(
             topk=min(cfg["topk"], num_items),
             temperatures=temperatures_of(cfg),
             score="all",
+            rank_targets=False,  # the samples store log p of the target, not its rank
         )
     stats = out.stats  # rows: every real position, user by user
     confidence = stats.logsumexp[:, :1] - stats.topk_scores  # -log p of each candidate
