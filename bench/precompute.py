@@ -34,34 +34,62 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--items", type=int, default=100_000, help="catalogue size (default 100k)")
     parser.add_argument("--users", type=int, default=512, help="examples (user sequences) per pass")
     parser.add_argument("--seq-len", type=int, default=50, help="items per sequence (default 50)")
     parser.add_argument("--hidden", type=int, default=256, help="teacher hidden size (default 256)")
     parser.add_argument("--layers", type=int, default=4, help="teacher layers (default 4)")
     parser.add_argument("--topk", type=int, default=50, help="K (default 50)")
-    parser.add_argument("--batch-size", type=int, default=32, help="examples per forward (default 32)")
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="examples per forward (default 32)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--dtype", default="float32", help="teacher dtype (default float32)")
-    parser.add_argument("--results", default=str(ROOT / "bench/results/precompute.json"), help="JSON results file")
+    parser.add_argument(
+        "--results", default=str(ROOT / "bench/results/precompute.json"), help="JSON results file"
+    )
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     heads = max(1, args.hidden // 64)
-    backbone = {"model_type": "llama", "hidden_size": args.hidden, "intermediate_size": 4 * args.hidden,
-                "num_hidden_layers": args.layers, "num_attention_heads": heads, "num_key_value_heads": heads,
-                "vocab_size": 32, "max_position_embeddings": 2 * args.seq_len}
-    teacher = LLMRecTeacher(TeacherConfig(num_items=args.items, backbone=backbone, item_dim=64,
-                                          score_chunk_size=16384)).to(device=device, dtype=dtype).eval()
+    backbone = {
+        "model_type": "llama",
+        "hidden_size": args.hidden,
+        "intermediate_size": 4 * args.hidden,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "vocab_size": 32,
+        "max_position_embeddings": 2 * args.seq_len,
+    }
+    teacher = (
+        LLMRecTeacher(
+            TeacherConfig(
+                num_items=args.items, backbone=backbone, item_dim=64, score_chunk_size=16384
+            )
+        )
+        .to(device=device, dtype=dtype)
+        .eval()
+    )
     rng = np.random.default_rng(0)
     examples = []
     for row in range(args.users):
         seq = rng.integers(1, args.items + 1, size=args.seq_len + 1).tolist()
         examples.append((f"u{row:09d}", row, seq[:-1], seq[1:]))
     batches = [examples[i : i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
-    cfg = {"data": {"mode": "sequence"}, "topk": args.topk, "temperatures": [1.0], "hidden_layers": [args.layers],
-           "hidden_positions": [-1], "hidden_dtype": "float16", "_prefix_ids": [], "_suffix_ids": []}
+    cfg = {
+        "data": {"mode": "sequence"},
+        "topk": args.topk,
+        "temperatures": [1.0],
+        "hidden_layers": [args.layers],
+        "hidden_positions": [-1],
+        "hidden_dtype": "float16",
+        "_prefix_ids": [],
+        "_suffix_ids": [],
+    }
 
     def sync():
         if device.type == "cuda":
@@ -104,8 +132,15 @@ def main() -> int:
         shard_bytes = sum(s["bytes"] for s in record["shards"])
     positions = len(examples) * args.seq_len
     result = {
-        "device": str(device), "dtype": args.dtype, "items": args.items, "topk": args.topk, "hidden": args.hidden,
-        "layers": args.layers, "seq_len": args.seq_len, "examples": len(examples), "batch_size": args.batch_size,
+        "device": str(device),
+        "dtype": args.dtype,
+        "items": args.items,
+        "topk": args.topk,
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "seq_len": args.seq_len,
+        "examples": len(examples),
+        "batch_size": args.batch_size,
         "bare_forward_examples_per_s": round(bare_rate, 1),
         "scored_forward_examples_per_s": round(scored_rate, 1),
         "precompute_examples_per_s": round(precompute_rate, 1),

@@ -112,14 +112,18 @@ class CatalogueStats:
 
 
 @torch.no_grad()
-def _add_chunk_logsumexp(logsumexp: torch.Tensor, scores: torch.Tensor, temperature: float, in_place: bool) -> None:
+def _add_chunk_logsumexp(
+    logsumexp: torch.Tensor, scores: torch.Tensor, temperature: float, in_place: bool
+) -> None:
     """logsumexp <- logaddexp(logsumexp, logsumexp(scores / T)) with a single exp pass; `in_place`
     lets it overwrite `scores` (the last use of the chunk) instead of allocating."""
     chunk_max = scores.amax(dim=1)
     chunk_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
     work = scores if in_place else scores.clone()
     work.sub_(chunk_max[:, None]).div_(temperature).exp_()
-    logsumexp.copy_(torch.logaddexp(logsumexp, chunk_max / temperature + torch.log(work.sum(dim=1))))
+    logsumexp.copy_(
+        torch.logaddexp(logsumexp, chunk_max / temperature + torch.log(work.sum(dim=1)))
+    )
 
 
 def catalogue_stats(
@@ -172,5 +176,7 @@ def catalogue_stats(
             top_scores, order = merged_scores.topk(keep, dim=1)
             top_ids = merged_ids.gather(1, order)
         for t, temperature in enumerate(temperatures):  # last: the chunk is not needed any more
-            _add_chunk_logsumexp(logsumexp[:, t], scores, temperature, in_place=t == len(temperatures) - 1)
+            _add_chunk_logsumexp(
+                logsumexp[:, t], scores, temperature, in_place=t == len(temperatures) - 1
+            )
     return CatalogueStats(top_scores, top_ids, logsumexp, target_scores, ranks)

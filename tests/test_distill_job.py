@@ -55,6 +55,7 @@ def test_distilled_student_beats_plain_student(pipeline, tmp_path):
             str(tmp_path / "distilled/final"),
             "--teacher",
             str(pipeline["teacher"] / "final"),
+            "--sampled",
             "--output",
             str(tmp_path / "eval.json"),
         ],
@@ -65,6 +66,10 @@ def test_distilled_student_beats_plain_student(pipeline, tmp_path):
     report = json.loads((tmp_path / "eval.json").read_text())["models"]
     assert report["distilled"]["full"]["ndcg@10"] == pytest.approx(distilled["ndcg@10"], abs=1e-6)
     assert report["distilled"]["speedup_vs_teacher"] > 0 and "| teacher |" in result.stdout
+    # With fewer than 1000 items, SLMRec's 999 sampled negatives are every other item: the
+    # sampled protocol must then give exactly the full-ranking numbers.
+    sampled = report["distilled"]["sampled"]
+    assert sampled["ndcg@10"] == pytest.approx(distilled["ndcg@10"], abs=1e-6)
 
 
 def test_killed_run_resumes_exactly(pipeline, tmp_path):

@@ -63,6 +63,15 @@ def runs(teacher_release, demo_data, tmp_path_factory):
     )
     assert killed.returncode != 0 and not (base / "killed/manifest.json").exists()
     run_precompute(teacher_release, demo_data, base / "killed", 2, layers)
+    run_precompute(
+        teacher_release,
+        demo_data,
+        base / "zero3",
+        2,
+        layers,
+        "inference=zero3",
+        "deepspeed_config=ds_configs/zero3_cpu.json",
+    )
     return base
 
 
@@ -73,6 +82,15 @@ def test_two_ranks_and_one_process_write_the_same_samples(runs):
         assert np.array_equal(two[key]["topk_ids"], one[key]["topk_ids"]), key
         np.testing.assert_allclose(two[key]["topk_scores"], one[key]["topk_scores"], rtol=1e-3)
         np.testing.assert_allclose(two[key]["hidden_4"], one[key]["hidden_4"], rtol=1e-3, atol=1e-3)
+
+
+def test_zero3_inference_writes_the_data_parallel_samples(runs):
+    """ZeRO-3 partitions the teacher across the ranks (uneven batch counts padded): same outputs."""
+    zero3, dp = all_samples(runs / "zero3"), all_samples(runs / "two")
+    assert sorted(zero3) == sorted(dp)
+    for key in dp:
+        assert np.array_equal(zero3[key]["topk_ids"], dp[key]["topk_ids"]), key
+        np.testing.assert_allclose(zero3[key]["logsumexp"], dp[key]["logsumexp"], rtol=1e-4)
 
 
 def test_killed_and_resumed_run_has_exactly_the_uninterrupted_samples(runs):

@@ -112,3 +112,19 @@ def test_gradient_checkpointing_gives_same_gradients():
 def test_bad_mode_is_rejected():
     with pytest.raises(ValueError, match="sequence' or 'prefix"):
         TeacherConfig(num_items=3, backbone=TINY_LLAMA, mode="chat")
+
+
+def test_pretrained_item_table_is_loaded_and_can_be_frozen(tmp_path):
+    from safetensors.torch import save_file
+
+    from recdistill.trainer.teacher import load_item_embeddings
+
+    table = torch.randn(41, 16)
+    save_file({"weight": table}, str(tmp_path / "items.safetensors"))
+    model = tiny_teacher(freeze_item_embeddings=True)
+    load_item_embeddings(model, str(tmp_path / "items.safetensors"))
+    torch.testing.assert_close(model.item_embeddings.weight.data, table)
+    assert not model.item_embeddings.weight.requires_grad
+    save_file({"weight": torch.randn(5, 16)}, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(ValueError, match="wrong.safetensors"):
+        load_item_embeddings(model, str(tmp_path / "wrong.safetensors"))
