@@ -60,3 +60,28 @@ def _merge(base: dict, update: dict, where: str, strict: bool, prefix: str = "")
 
 def save_config(config: dict, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m recdistill.trainer.config CONFIG KEY [overrides...]`: print one value (the
+    sbatch scripts read output folders this way)."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2:
+        print(
+            "usage: python -m recdistill.trainer.config CONFIG KEY [key=value ...]", file=sys.stderr
+        )
+        return 2
+    value = load_config(argv[0], argv[2:])
+    for part in argv[1].split("."):
+        if not isinstance(value, dict) or part not in value:
+            print(f"{argv[0]}: no key {argv[1]!r}", file=sys.stderr)
+            return 2
+        value = value[part]
+    print(value)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

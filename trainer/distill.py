@@ -41,6 +41,7 @@ from recdistill.trainer.data.shard_stream import TeacherShardStream, make_loader
 from recdistill.trainer.data.shards import ITEM_TABLE_FILE, ShardError, load_manifest, sha256_file
 from recdistill.trainer.evaluate import all_reduce_sums, eval_examples, ranking_sums
 from recdistill.trainer.metrics import finalize
+from recdistill.trainer.requeue import stop_requested
 
 DEFAULTS: dict = {
     "data": {
@@ -501,6 +502,13 @@ def main(argv=None) -> int:
                 save_checkpoint()
             if train_cfg["kill_at_step"] == step:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if stop_requested(output_dir, accelerator.device):
+                save_checkpoint()
+                accelerator.print(
+                    f"stop requested: checkpointed step {step}, exiting to be requeued"
+                )
+                accelerator.end_training()
+                return 0
         if ran_out or s["batch_in_epoch"] >= micro_steps:
             s["epoch"] += 1
             s["batch_in_epoch"] = 0

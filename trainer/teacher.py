@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import deepspeed
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
@@ -37,7 +36,6 @@ from recdistill.models.teacher import (
 )
 from recdistill.trainer.config import load_config, save_config
 from recdistill.trainer.data.batches import (
-    even_shard,
     global_batch_order,
     micro_batches,
     prefix_batch,
@@ -45,7 +43,14 @@ from recdistill.trainer.data.batches import (
     sequence_batch,
 )
 from recdistill.trainer.data.pipeline import ITEM_MAP_FILE, load_sequences
-from recdistill.trainer.metrics import finalize, metric_sums
+from recdistill.trainer.evaluate import (
+    all_reduce_sums,
+    eval_examples,
+    popularity_metrics,
+    ranking_sums,
+)
+from recdistill.trainer.metrics import finalize
+from recdistill.trainer.requeue import stop_requested
 
 DEFAULTS: dict = {
     "data": {
@@ -130,12 +135,7 @@ def build_examples(splits, data_cfg: dict) -> tuple[list, list, list]:
             for items in train_items
             for t in select_prefixes(len(items), data_cfg["prefixes"])
         ]
-    evals = []
-    for split in ("valid", "test"):
-        evals.append(
-            [(h[-max_len:], t) for h, t in zip(splits[split]["history"], splits[split]["target"])]
-        )
-    return train, evals[0], evals[1]
+    return train, eval_examples(splits, "valid", max_len), eval_examples(splits, "test", max_len)
 
 
 def collate(examples: list, mode: str, device) -> dict:
@@ -225,39 +225,18 @@ def evaluate(
 ) -> dict[str, float]:
     """Full-ranking metrics; every rank runs the same number of batches (ZeRO-3 needs it)."""
     engine.eval()
-    world, rank = dist.get_world_size(), dist.get_rank()
-    indices, weights = even_shard(len(examples), world, rank, batch_size)
-    totals = None
-    for start in range(0, len(indices), batch_size):
-        chunk = [examples[i] for i in indices[start : start + batch_size]]
-        batch = collate(chunk, "prefix", device)
+
+    def rank_targets(ids, lengths, targets):
         out = engine(
-            batch["item_ids"],
-            batch["lengths"],
-            targets=batch["targets"],
-            score="last",
-            exclude=batch["item_ids"] if exclude_history else None,
+            ids, lengths, targets=targets, score="last", exclude=ids if exclude_history else None
         )
-        sums = metric_sums(
-            out.stats.target_ranks.cpu(), torch.from_numpy(weights[start : start + batch_size])
-        )
-        totals = sums if totals is None else {k: totals[k] + v for k, v in sums.items()}
-    keys = sorted(totals)
-    packed = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(packed)
-    engine.train()
-    return finalize(dict(zip(keys, packed.tolist())))
+        return out.stats.target_ranks
 
-
-def popularity_metrics(train_items: list, examples: list, num_items: int) -> dict[str, float]:
-    """Baseline: every user gets the same ranking, by training-set item frequency."""
-    counts = np.bincount(
-        np.concatenate([np.asarray(s) for s in train_items]), minlength=num_items + 1
+    sums = ranking_sums(
+        rank_targets, examples, batch_size, device, dist.get_rank(), dist.get_world_size()
     )
-    counts = counts[1:].astype(np.float64)
-    targets = np.asarray([t for _, t in examples])
-    ranks = (counts[None, :] > counts[targets - 1][:, None]).sum(1)
-    return finalize(metric_sums(torch.from_numpy(ranks)))
+    engine.train()
+    return finalize(all_reduce_sums(sums, device))
 
 
 class MetricsLog:
@@ -424,6 +403,13 @@ def main(argv=None) -> int:
                 checkpoint(f"step{step}")
             if train_cfg["kill_at_step"] == step:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if stop_requested(output_dir, device):
+                checkpoint(f"step{step}")
+                if rank == 0:
+                    print(f"stop requested: checkpointed step {step}, exiting to be requeued")
+                progress.close()
+                log.close()
+                return 0
             if step >= total_steps or state["stopped"]:
                 break
         else:

@@ -1,0 +1,54 @@
+# Sourced by the sbatch scripts: environment, rendezvous and the checkpoint-and-requeue trap.
+# Inputs (environment): CONFIG or the first script argument (a job config), further arguments or
+# OVERRIDES (config overrides), RECDISTILL_HOME (repository on a shared filesystem; default: the
+# submit directory), PYTHON (default: $RECDISTILL_HOME/.venv/bin/python),
+# RECDISTILL_PROCS_PER_NODE (default: the GPUs Slurm gave each node).
+set -euo pipefail
+
+REPO=${RECDISTILL_HOME:-${SLURM_SUBMIT_DIR:-$(pwd)}}
+cd "$REPO"
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+BIN=$(dirname "$PYTHON")
+if [ -z "${CONFIG:-}" ]; then
+    CONFIG=${1:?usage: sbatch $0 CONFIG [key=value ...]  (or set CONFIG)}
+    shift
+fi
+read -r -a EXTRA <<< "${OVERRIDES:-}"
+ARGS=("$@" "${EXTRA[@]}")
+
+export MASTER_ADDR=${MASTER_ADDR:-$("$PYTHON" -m recdistill.launcher.slurm master-addr)}
+export MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -m recdistill.launcher.slurm free-port)}
+export PROCS_PER_NODE=${PROCS_PER_NODE:-$("$PYTHON" -m recdistill.launcher.slurm procs-per-node)}
+export NUM_NODES=${SLURM_JOB_NUM_NODES:-1}
+export PYTHONUNBUFFERED=1
+echo "recdistill: job ${SLURM_JOB_ID:-local} on ${NUM_NODES} node(s) x ${PROCS_PER_NODE} processes," \
+     "rendezvous ${MASTER_ADDR}:${MASTER_PORT}, config ${CONFIG} ${ARGS[*]:-}"
+
+# Where the job checkpoints; the USR1 trap asks it (through OUTPUT_DIR/STOP) to checkpoint now.
+config_value() { "$PYTHON" -m recdistill.trainer.config "$CONFIG" "$1" "${ARGS[@]}"; }
+
+# run_and_requeue COMMAND...: runs COMMAND (an srun) in the background; on USR1 (sent by
+# `#SBATCH --signal=B:USR1@120` before the time limit) writes the stop file, waits for the job
+# to checkpoint and exit, then requeues this job, which resumes from that checkpoint.
+run_and_requeue() {
+    local stop_file=$1
+    shift
+    rm -f "$stop_file"
+    trap 'echo "recdistill: USR1, asking for a checkpoint"; mkdir -p "$(dirname "$stop_file")"; touch "$stop_file"' USR1
+    "$@" &
+    local pid=$! code=0
+    while true; do
+        set +e
+        wait "$pid"
+        code=$?
+        set -e
+        kill -0 "$pid" 2>/dev/null || break  # still running: the wait was cut short by the trap
+    done
+    if [ -f "$stop_file" ]; then
+        rm -f "$stop_file"
+        echo "recdistill: checkpointed (exit $code); requeueing job ${SLURM_JOB_ID:-}"
+        [ -n "${SLURM_JOB_ID:-}" ] && scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    return "$code"
+}

@@ -1,0 +1,29 @@
+#!/bin/bash
+# Teacher outputs into shards, on 1 or many nodes:
+#   sbatch slurm/precompute.sh configs/precompute_demo.yaml [key=value ...]
+# Resumable by construction: a requeued or resubmitted job skips the finished shard groups.
+#SBATCH --job-name=recdistill-precompute
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=12:00:00
+#SBATCH --output=slurm-%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+source "${RECDISTILL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+
+OUTPUT_DIR=$(config_value output_dir)
+mkdir -p "$OUTPUT_DIR"
+HOSTFILE="$OUTPUT_DIR/hostfile-${SLURM_JOB_ID:-local}"
+"$PYTHON" -m recdistill.launcher.slurm hostfile > "$HOSTFILE"
+export HOSTFILE CONFIG BIN
+
+# On USR1 the job is requeued when it ends; the groups it finished are kept (no stop file needed:
+# a killed precompute loses at most the groups being written).
+run_and_requeue "$OUTPUT_DIR/STOP" \
+    srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+        exec "$BIN/deepspeed" --hostfile "$HOSTFILE" --no_ssh --node_rank "$SLURM_NODEID" \
+            --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+            trainer/precompute.py --config "$CONFIG" "$@"' _ "${ARGS[@]}"

@@ -1,0 +1,29 @@
+#!/bin/bash
+# Fine-tune the teacher with DeepSpeed on 1 or many nodes:
+#   sbatch slurm/teacher.sh configs/teacher_llama7b.yaml [key=value ...]
+#   sbatch --nodes=8 slurm/teacher.sh configs/teacher_llama7b.yaml
+# One srun task per node runs the deepspeed launcher for that node (no ssh), all meeting at the
+# first node. Always --resume: a requeued or resubmitted job continues from its last checkpoint.
+#SBATCH --job-name=recdistill-teacher
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=24:00:00
+#SBATCH --output=slurm-%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+source "${RECDISTILL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+
+OUTPUT_DIR=$(config_value train.output_dir)
+mkdir -p "$OUTPUT_DIR"
+HOSTFILE="$OUTPUT_DIR/hostfile-${SLURM_JOB_ID:-local}"   # on the shared filesystem: every node reads it
+"$PYTHON" -m recdistill.launcher.slurm hostfile > "$HOSTFILE"
+export HOSTFILE CONFIG BIN
+
+run_and_requeue "$OUTPUT_DIR/STOP" \
+    srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+        exec "$BIN/deepspeed" --hostfile "$HOSTFILE" --no_ssh --node_rank "$SLURM_NODEID" \
+            --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+            trainer/teacher.py --config "$CONFIG" --resume "$@"' _ "${ARGS[@]}"
