@@ -508,6 +508,7 @@ def main(argv=None) -> int:
                     f"stop requested: checkpointed step {step}, exiting to be requeued"
                 )
                 accelerator.end_training()
+                dist.destroy_process_group()
                 return 0
         if ran_out or s["batch_in_epoch"] >= micro_steps:
             s["epoch"] += 1
@@ -549,6 +550,8 @@ def main(argv=None) -> int:
         os.replace(staging, output_dir / "final")
         print(json.dumps({"test": test}))
     accelerator.end_training()
+    if dist.is_initialized():
+        dist.destroy_process_group()  # left to interpreter exit, it can abort the process
     return 0
 
 

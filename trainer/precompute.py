@@ -366,6 +366,7 @@ def main(argv=None) -> int:
     if rank == 0:
         write_manifest(out_dir, cfg, groups, stats, model_config, teacher_dir)
     dist.barrier()
+    dist.destroy_process_group()  # a process group left to interpreter exit can abort the process
     return 0
 
 

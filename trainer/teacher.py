@@ -409,6 +409,7 @@ def main(argv=None) -> int:
                     print(f"stop requested: checkpointed step {step}, exiting to be requeued")
                 progress.close()
                 log.close()
+                dist.destroy_process_group()
                 return 0
             if step >= total_steps or state["stopped"]:
                 break
@@ -459,6 +460,7 @@ def main(argv=None) -> int:
         print(json.dumps({"test": test, "popularity": popularity}))
     log.close()
     dist.barrier()
+    dist.destroy_process_group()  # a process group left to interpreter exit can abort the process
     return 0
 
 
