@@ -2,9 +2,10 @@
 
     python -m recdistill.launcher.slurm hosts            # one hostname a line, from SLURM_JOB_NODELIST
     python -m recdistill.launcher.slurm hostfile         # DeepSpeed hostfile: `host slots=N`
-    python -m recdistill.launcher.slurm master-addr      # the first node
+    python -m recdistill.launcher.slurm master-addr      # the first node's address (NodeAddr)
     python -m recdistill.launcher.slurm free-port        # a free TCP port on this (the first) node
     python -m recdistill.launcher.slurm procs-per-node   # GPUs per node (or RECDISTILL_PROCS_PER_NODE)
+    python -m recdistill.launcher.slurm interface-to ADDR  # this node's interface towards ADDR
 
 Every value comes from the Slurm environment of the job, so the scripts work unchanged on 1 or
 many nodes. Expand per-node values (SLURM_NODEID) inside `srun bash -c '...'`, never in the batch
@@ -57,6 +58,19 @@ def job_hosts(environ: dict | None = None) -> list[str]:
     return expand_nodelist(nodelist)
 
 
+def node_address(host: str, environ: dict | None = None) -> str:
+    """The address Slurm reaches a node at (its NodeAddr), which is what the other nodes can
+    connect to; the hostname itself where scontrol is not available."""
+    if shutil.which("scontrol") and (environ is None or environ is os.environ):
+        result = subprocess.run(
+            ["scontrol", "-o", "show", "node", host], capture_output=True, text=True
+        )
+        for field in result.stdout.split():
+            if field.startswith("NodeAddr="):
+                return field.split("=", 1)[1]
+    return host
+
+
 def procs_per_node(environ: dict | None = None) -> int:
     """Training processes per node: an explicit override, else the GPUs Slurm gave this node,
     else the GPUs visible, else 1."""
@@ -78,6 +92,27 @@ def procs_per_node(environ: dict | None = None) -> int:
     return 1
 
 
+def interface_towards(address: str) -> str:
+    """The network interface this node reaches `address` through (the interface holding it when
+    it is this node's own), for GLOO_SOCKET_IFNAME: Gloo otherwise binds to whatever the hostname
+    resolves to, often 127.0.x.x, which other nodes cannot reach. Empty when unknown."""
+    if not shutil.which("ip"):
+        return ""
+    try:
+        address = socket.gethostbyname(address)
+    except OSError:
+        return ""
+    own = subprocess.run(
+        ["ip", "-o", "addr", "show", "to", address], capture_output=True, text=True
+    ).stdout.split()
+    if len(own) > 1:
+        return own[1]
+    route = subprocess.run(
+        ["ip", "route", "get", address], capture_output=True, text=True
+    ).stdout.split()
+    return route[route.index("dev") + 1] if "dev" in route else ""
+
+
 def hostfile(hosts: list[str], slots: int) -> str:
     return "".join(f"{host} slots={slots}\n" for host in hosts)
 
@@ -93,11 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "hosts": lambda: "\n".join(job_hosts()),
         "hostfile": lambda: hostfile(job_hosts(), procs_per_node()).rstrip("\n"),
-        "master-addr": lambda: job_hosts()[0],
+        "master-addr": lambda: node_address(job_hosts()[0]),
         "free-port": lambda: str(free_port()),
         "procs-per-node": lambda: str(procs_per_node()),
+        "interface-to": lambda: interface_towards(argv[1]),
     }
-    if len(argv) != 1 or argv[0] not in commands:
+    if not argv or argv[0] not in commands or len(argv) != (2 if argv[0] == "interface-to" else 1):
         print(__doc__, file=sys.stderr)
         return 2
     print(commands[argv[0]]())

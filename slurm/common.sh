@@ -25,6 +25,13 @@ echo "recdistill: job ${SLURM_JOB_ID:-local} on ${NUM_NODES} node(s) x ${PROCS_P
      "rendezvous ${MASTER_ADDR}:${MASTER_PORT}, config ${CONFIG} ${ARGS[*]:-}"
 
 # Where the job checkpoints; the USR1 trap asks it (through OUTPUT_DIR/STOP) to checkpoint now.
+# Inside each node's srun task: Gloo (CPU collectives, also used beside NCCL) binds to the interface
+# towards the first node unless GLOO_SOCKET_IFNAME is set; set NCCL_SOCKET_IFNAME yourself if needed.
+NODE_SETUP='if [ -z "${GLOO_SOCKET_IFNAME:-}" ]; then
+    iface=$("$PYTHON" -m recdistill.launcher.slurm interface-to "$MASTER_ADDR"); [ -n "$iface" ] && export GLOO_SOCKET_IFNAME=$iface
+fi'
+export NODE_SETUP PYTHON
+
 config_value() { "$PYTHON" -m recdistill.trainer.config "$CONFIG" "$1" "${ARGS[@]}"; }
 
 # run_and_requeue COMMAND...: runs COMMAND (an srun) in the background; on USR1 (sent by

@@ -21,7 +21,7 @@ export TOTAL_PROCS=$((NUM_NODES * PROCS_PER_NODE))
 export MIXED_PRECISION=${MIXED_PRECISION:-no}
 
 run_and_requeue "$OUTPUT_DIR/STOP" \
-    srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+    srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'eval "$NODE_SETUP"
         multi=(); [ "$TOTAL_PROCS" -gt 1 ] && multi=(--multi_gpu)
         exec "$BIN/accelerate" launch --num_machines "$NUM_NODES" --machine_rank "$SLURM_NODEID" \
             --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \

@@ -23,7 +23,7 @@ export HOSTFILE CONFIG BIN
 # On USR1 the job is requeued when it ends; the groups it finished are kept (no stop file needed:
 # a killed precompute loses at most the groups being written).
 run_and_requeue "$OUTPUT_DIR/STOP" \
-    srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+    srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'eval "$NODE_SETUP"
         exec "$BIN/deepspeed" --hostfile "$HOSTFILE" --no_ssh --node_rank "$SLURM_NODEID" \
             --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
             trainer/precompute.py --config "$CONFIG" "$@"' _ "${ARGS[@]}"

@@ -23,7 +23,7 @@ HOSTFILE="$OUTPUT_DIR/hostfile-${SLURM_JOB_ID:-local}"   # on the shared filesys
 export HOSTFILE CONFIG BIN
 
 run_and_requeue "$OUTPUT_DIR/STOP" \
-    srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+    srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'eval "$NODE_SETUP"
         exec "$BIN/deepspeed" --hostfile "$HOSTFILE" --no_ssh --node_rank "$SLURM_NODEID" \
             --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
             trainer/teacher.py --config "$CONFIG" --resume "$@"' _ "${ARGS[@]}"

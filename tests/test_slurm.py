@@ -72,19 +72,70 @@ def _pid(path: Path) -> int | None:
 
 
 class Cluster:
-    def __init__(self, folder: Path):
-        self.folder = folder
+    """slurmctld + one slurmd per node. With `hosts=N > 1` each node is a network namespace of its
+    own (a veth into a test bridge, addresses 10.231.x.0/24 used only by these namespaces), so a
+    multi-node job really crosses a network between hosts."""
+
+    def __init__(self, folder: Path, hosts: int = 1):
+        self.folder, self.hosts = folder, hosts
         self.conf = folder / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.started_munged = False
+        self.tag = f"rd{os.getpid() % 10000}"
+        self.namespaces: list[str] = []
+        self.bridge = None
+
+    def _network(self) -> list[tuple[str, str | None, str | None]]:
+        """(node name, NodeAddr, netns) per node; builds the namespaces for multi-host clusters."""
+        if self.hosts == 1:
+            return [(socket.gethostname().split(".")[0], None, None)]
+        subnet = f"10.231.{os.getpid() % 200 + 10}"
+        self.bridge = f"{self.tag}br"
+        run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
+        run("ip", "link", "add", self.bridge, "type", "bridge")
+        run("ip", "addr", "add", f"{subnet}.1/24", "dev", self.bridge)
+        run("ip", "link", "set", self.bridge, "up")
+        nodes = []
+        for index in range(1, self.hosts + 1):
+            netns, outside = f"{self.tag}n{index}", f"{self.tag}v{index}"
+            run("ip", "netns", "add", netns)
+            self.namespaces.append(netns)
+            run("ip", "link", "add", outside, "type", "veth", "peer", "name", "rdnet")
+            run("ip", "link", "set", outside, "master", self.bridge)
+            run("ip", "link", "set", outside, "up")
+            run("ip", "link", "set", "rdnet", "netns", netns)
+            run(
+                "ip",
+                "netns",
+                "exec",
+                netns,
+                "ip",
+                "addr",
+                "add",
+                f"{subnet}.{10 + index}/24",
+                "dev",
+                "rdnet",
+            )
+            run("ip", "netns", "exec", netns, "ip", "link", "set", "rdnet", "up")
+            run("ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up")
+            nodes.append((f"{self.tag}n{index}", f"{subnet}.{10 + index}", netns))
+        self.controller_addr = f"{subnet}.1"
+        return nodes
 
     def start(self) -> None:
         host = socket.gethostname().split(".")[0]
+        nodes = self._network()
         (self.folder / "state").mkdir()
-        (self.folder / "spool").mkdir()
         f = self.folder
+        controller = f"{host}({self.controller_addr})" if self.hosts > 1 else host
+        node_lines = "\n".join(
+            f"NodeName={name}"
+            + (f" NodeAddr={addr}" if addr else "")
+            + f" CPUs={os.cpu_count()} State=UNKNOWN"
+            for name, addr, _ in nodes
+        )
         self.conf.write_text(f"""ClusterName=recdistilltest
-SlurmctldHost={host}
+SlurmctldHost={controller}
 SlurmUser=root
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
@@ -97,12 +148,12 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 MpiDefault=none
 StateSaveLocation={f}/state
-SlurmdSpoolDir={f}/spool
+SlurmdSpoolDir={f}/spool-%n
 SlurmctldPidFile={f}/slurmctld.pid
-SlurmdPidFile={f}/slurmd.pid
+SlurmdPidFile={f}/slurmd-%n.pid
 SlurmctldLogFile={f}/slurmctld.log
-SlurmdLogFile={f}/slurmd.log
-NodeName={host} CPUs={os.cpu_count()} State=UNKNOWN
+SlurmdLogFile={f}/slurmd-%n.log
+{node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
         if _pid(Path("/run/munge/munged.pid")) is None:
@@ -111,19 +162,27 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             subprocess.run(["munged", "--force"], check=True, capture_output=True)
             self.started_munged = True
         subprocess.run(["slurmctld", "-f", str(self.conf)], check=True, env=self.env)
-        subprocess.run(["slurmd", "-f", str(self.conf)], check=True, env=self.env)
+        for name, _, netns in nodes:
+            # nsenter --net keeps the mounts (`ip netns exec` remounts /sys, hiding the cgroup fs)
+            prefix = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+            subprocess.run(
+                [*prefix, "slurmd", "-N", name, "-f", str(self.conf)], check=True, env=self.env
+            )
+        self.node_names = [name for name, _, _ in nodes]
         deadline = time.time() + 60
         while time.time() < deadline:
-            state = subprocess.run(
-                ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=self.env
-            ).stdout
-            if state.strip() == "idle":
+            states = subprocess.run(
+                ["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=self.env
+            ).stdout.split()
+            if states == ["idle"] * len(nodes):
                 return
             time.sleep(1)
-        raise RuntimeError(f"slurm node never became idle: {state!r}; see {self.folder}/*.log")
+        raise RuntimeError(f"slurm nodes never became idle: {states!r}; see {self.folder}/*.log")
 
     def stop(self) -> None:
-        pids = [_pid(self.folder / "slurmd.pid"), _pid(self.folder / "slurmctld.pid")]
+        pids = [_pid(p) for p in self.folder.glob("slurmd-*.pid")] + [
+            _pid(self.folder / "slurmctld.pid")
+        ]
         if self.started_munged:
             pids.append(_pid(Path("/run/munge/munged.pid")))
         for pid in filter(None, pids):
@@ -135,13 +194,17 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 except OSError:
                     break
                 time.sleep(0.1)
+        for netns in self.namespaces:
+            subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+        if self.bridge:
+            subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
-    def sbatch(self, script: str, *args: str, output: Path) -> str:
+    def sbatch(self, script: str, *args: str, output: Path, nodes: int = 1) -> str:
         env = {
             **self.env,
             "DS_ACCELERATOR": "cpu",
             "ACCELERATE_USE_CPU": "true",
-            "RECDISTILL_PROCS_PER_NODE": "2",
+            "RECDISTILL_PROCS_PER_NODE": str(2 // nodes),  # 2 ranks in all
             "PYTHON": sys.executable,
         }
         # This cluster has no GPUs: the scripts' `--gpus-per-node=8` header is overridden.
@@ -149,6 +212,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             [
                 "sbatch",
                 "--parsable",
+                f"--nodes={nodes}",
                 "--gpus-per-node=0",
                 f"--cpus-per-task={os.cpu_count()}",
                 f"--output={output}",
@@ -280,3 +344,51 @@ def test_sbatch_distill(cluster, pipeline, tmp_path):
     log = (tmp_path / "log").read_text()
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log[-3000:]
     assert (out / "final/metrics.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def two_hosts(cluster, tmp_path_factory):
+    """A second cluster whose two nodes are two network namespaces (two hosts on one machine)."""
+    cluster.stop()  # one cluster at a time: both would share munged
+    two = Cluster(tmp_path_factory.mktemp("slurm2"), hosts=2)
+    try:
+        two.start()
+        yield two
+    finally:
+        two.stop()
+
+
+@pytest.mark.slurm
+def test_two_node_deepspeed_and_accelerate(two_hosts, pipeline, tmp_path):
+    """--nodes=2: ZeRO-3 and DDP across two hosts (1 process each), rendezvous over the network."""
+    teacher = tmp_path / "teacher"
+    job = two_hosts.sbatch(
+        "slurm/teacher.sh",
+        "configs/teacher_demo.yaml",
+        f"data.dir={pipeline['data']}",
+        f"train.output_dir={teacher}",
+        "train.max_steps=12",
+        "train.eval_every=100",
+        output=tmp_path / "teacher.log",
+        nodes=2,
+    )
+    state = two_hosts.wait(job)
+    log = (tmp_path / "teacher.log").read_text()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert "2 node(s) x 1 processes" in log and "nnodes=2" in log
+    assert (teacher / "final/model.safetensors").is_file()
+
+    student = tmp_path / "student"
+    job = two_hosts.sbatch(
+        "slurm/distill.sh",
+        "configs/distill_demo.yaml",
+        f"data.dir={pipeline['data']}",
+        f"shards.dir={pipeline['shards']}",
+        f"train.output_dir={student}",
+        "train.max_steps=20",
+        output=tmp_path / "distill.log",
+        nodes=2,
+    )
+    state = two_hosts.wait(job)
+    assert state["JobState"] == "COMPLETED", (tmp_path / "distill.log").read_text()[-3000:]
+    assert (student / "final/metrics.json").is_file()
