@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import deepspeed
@@ -51,6 +52,7 @@ from recdistill.trainer.data.shards import (
     verify_group,
     write_json_atomic,
 )
+from recdistill.trainer.requeue import STOP_FILE
 from recdistill.trainer.teacher import local_world_size
 
 DEFAULTS: dict = {
@@ -243,20 +245,10 @@ def teacher_id(teacher_dir: Path) -> dict:
 def save_item_table(teacher, path: Path) -> None:
     module = getattr(teacher, "module", teacher)
     weight = module.item_embeddings.weight
-    with (
-        deepspeed.zero.GatheredParameters([weight]) if hasattr(weight, "ds_id") else _nullcontext()
-    ):
+    with deepspeed.zero.GatheredParameters([weight]) if hasattr(weight, "ds_id") else nullcontext():
         table = weight.detach().float().cpu().clone()
     if dist.get_rank() == 0:
         save_file({"weight": table}, str(path))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---- the job -------------------------------------------------------------------------------
@@ -337,7 +329,12 @@ def main(argv=None) -> int:
         total=sum(len(m) for _, m in todo), desc=f"precompute rank {rank}", unit="ex", position=rank
     )
     started, forwards = time.perf_counter(), 0
+    stop_file = out_dir / STOP_FILE
     for group, members in todo:
+        # Data-parallel ranks are independent: each stops between groups once the sbatch script's
+        # USR1 trap has asked for it (ZeRO-3 ranks must run equal forwards, so they go on).
+        if cfg["inference"] == "data_parallel" and stop_file.exists():
+            break
         sink.start_group(group)
         for start in range(0, len(members), cfg["batch_size"]):
             batch = members[start : start + cfg["batch_size"]]
@@ -363,7 +360,9 @@ def main(argv=None) -> int:
 
     save_item_table(teacher, out_dir / ITEM_TABLE_FILE)
     dist.barrier()
-    if rank == 0:
+    if rank == 0 and stop_file.exists():
+        print("stop requested: finished groups are kept; rerun to complete the shards")
+    elif rank == 0:
         write_manifest(out_dir, cfg, groups, stats, model_config, teacher_dir)
     dist.barrier()
     dist.destroy_process_group()  # a process group left to interpreter exit can abort the process
