@@ -21,6 +21,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+# The embedded default: the synthetic log of the demo (and of the tests).
+DEMO_DATA_ARGS = [
+    "--format",
+    "synthetic",
+    "--users",
+    "2000",
+    "--items",
+    "500",
+    "--events",
+    "60000",
+    "--seed",
+    "0",
+    "--max-seq-len",
+    "50",
+]
 
 
 def run_stage(name: str, command: list[str], env: dict | None = None) -> float:
@@ -38,24 +53,7 @@ def data_stage(out: Path, report: dict) -> None:
     if not (data_dir / "stats.json").is_file():
         seconds = run_stage(
             "data",
-            [
-                sys.executable,
-                "trainer/prepare_data.py",
-                "--format",
-                "synthetic",
-                "--users",
-                "2000",
-                "--items",
-                "500",
-                "--events",
-                "60000",
-                "--seed",
-                "0",
-                "--max-seq-len",
-                "50",
-                "--output",
-                str(data_dir),
-            ],
+            [sys.executable, "trainer/prepare_data.py", *DEMO_DATA_ARGS, "--output", str(data_dir)],
         )
     stats = json.loads((data_dir / "stats.json").read_text())
     report["stages"]["data"] = {

@@ -32,6 +32,15 @@ NODE_SETUP='if [ -z "${GLOO_SOCKET_IFNAME:-}" ]; then
 fi'
 export NODE_SETUP PYTHON
 
+# write_hostfile DIR: the DeepSpeed hostfile (`host slots=N`) on the shared filesystem, where
+# every node's launcher reads it; exports HOSTFILE.
+write_hostfile() {
+    mkdir -p "$1"
+    HOSTFILE="$1/hostfile-${SLURM_JOB_ID:-local}"
+    "$PYTHON" -m recdistill.launcher.slurm hostfile > "$HOSTFILE"
+    export HOSTFILE
+}
+
 config_value() { "$PYTHON" -m recdistill.trainer.config "$CONFIG" "$1" "${ARGS[@]}"; }
 
 # run_and_requeue COMMAND...: runs COMMAND (an srun) in the background; on USR1 (sent by

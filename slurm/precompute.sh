@@ -15,13 +15,11 @@
 source "${RECDISTILL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
 
 OUTPUT_DIR=$(config_value output_dir)
-mkdir -p "$OUTPUT_DIR"
-HOSTFILE="$OUTPUT_DIR/hostfile-${SLURM_JOB_ID:-local}"
-"$PYTHON" -m recdistill.launcher.slurm hostfile > "$HOSTFILE"
-export HOSTFILE CONFIG BIN
+write_hostfile "$OUTPUT_DIR"
+export CONFIG BIN
 
-# On USR1 the job is requeued when it ends; the groups it finished are kept (no stop file needed:
-# a killed precompute loses at most the groups being written).
+# On USR1 every data-parallel rank stops after its current shard group and the job is requeued;
+# the rerun skips the finished groups (a kill loses at most the groups being written).
 run_and_requeue "$OUTPUT_DIR/STOP" \
     srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'eval "$NODE_SETUP"
         exec "$BIN/deepspeed" --hostfile "$HOSTFILE" --no_ssh --node_rank "$SLURM_NODEID" \

@@ -17,10 +17,8 @@
 source "${RECDISTILL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
 
 OUTPUT_DIR=$(config_value train.output_dir)
-mkdir -p "$OUTPUT_DIR"
-HOSTFILE="$OUTPUT_DIR/hostfile-${SLURM_JOB_ID:-local}"   # on the shared filesystem: every node reads it
-"$PYTHON" -m recdistill.launcher.slurm hostfile > "$HOSTFILE"
-export HOSTFILE CONFIG BIN
+write_hostfile "$OUTPUT_DIR"
+export CONFIG BIN
 
 run_and_requeue "$OUTPUT_DIR/STOP" \
     srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'eval "$NODE_SETUP"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from recdistill.launcher.demo import DEMO_DATA_ARGS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,18 +23,7 @@ def demo_data(tmp_path_factory) -> Path:
         [
             sys.executable,
             str(ROOT / "trainer/prepare_data.py"),
-            "--format",
-            "synthetic",
-            "--users",
-            "2000",
-            "--items",
-            "500",
-            "--events",
-            "60000",
-            "--seed",
-            "0",
-            "--max-seq-len",
-            "50",
+            *DEMO_DATA_ARGS,
             "--output",
             str(out),
         ],

@@ -123,3 +123,21 @@ def test_too_few_shards_for_the_ranks_is_a_clear_error(tmp_path):
     manifest = write_shards(tmp_path / "s", [60])
     with pytest.raises(ShardError, match="1 shards for 2 ranks"):
         TeacherShardStream(tmp_path / "s", manifest, 0, 2, 16, 1, seed=0)
+
+
+def test_resampled_mode_streams_batches_without_data_state(tmp_path):
+    manifest = write_shards(tmp_path / "s", [50, 50, 50])
+    stream = TeacherShardStream(
+        tmp_path / "s", manifest, 0, 2, 8, 1, seed=0, mode="resampled", shuffle_buffer=20
+    )
+    assert stream.steps_per_epoch() == 150 // (8 * 2)
+    batches = []
+    for batch in make_loader(stream):  # an endless stream: the job stops it after its steps
+        batches.append(batch)
+        if len(batches) == 30:
+            break
+    ids = [int(i) for b in batches for i in b["item_ids"][:, 0]]
+    assert (
+        len(ids) == 240 and len(set(ids)) > 100
+    )  # more batches than one epoch, drawn with replacement
+    assert all(1 <= i <= 150 for i in ids)

@@ -62,6 +62,17 @@ def save_config(config: dict, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
 
 
+def start_run_dir(output_dir: Path, config: dict, resume: bool) -> None:
+    """Create a training job's output folder and record its config; a finished run there is never
+    overwritten unless the job resumes it."""
+    if (output_dir / "final").exists() and not resume:
+        raise SystemExit(
+            f"{output_dir}: a finished run is there; use another train.output_dir (or --resume)"
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, output_dir / "run_config.yaml")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m recdistill.trainer.config CONFIG KEY [overrides...]`: print one value (the
     sbatch scripts read output folders this way)."""

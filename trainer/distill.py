@@ -35,7 +35,7 @@ from transformers import get_scheduler
 from recdistill.models import STUDENTS, LlamaStudent
 from recdistill.models.distillation import LOSS_DEFAULTS, DistillationObjective
 from recdistill.models.student_io import load_student
-from recdistill.trainer.config import load_config, save_config
+from recdistill.trainer.config import load_config, start_run_dir
 from recdistill.trainer.data.pipeline import load_sequences
 from recdistill.trainer.data.shard_stream import TeacherShardStream, make_loader
 from recdistill.trainer.data.shards import ITEM_TABLE_FILE, ShardError, load_manifest, sha256_file
@@ -318,10 +318,7 @@ def main(argv=None) -> int:
     set_seed(train_cfg["seed"])
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
-        if (output_dir / "final").exists() and not args.resume:
-            raise SystemExit(f"{output_dir}: a finished run is there; use another train.output_dir")
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "run_config.yaml")
+        start_run_dir(output_dir, cfg, args.resume)
 
     shard_dir = Path(shard_cfg["dir"])
     manifest = load_manifest(shard_dir)
@@ -400,13 +397,13 @@ def main(argv=None) -> int:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
-    def validate() -> dict:
+    def evaluate_split(examples: list) -> dict:
         model.eval()
         sums = ranking_sums(
             lambda ids, lengths, targets: model.rank_targets(
                 ids, lengths, targets, train_cfg["eval_exclude_history"]
             ),
-            valid_examples,
+            examples,
             train_cfg["eval_batch_size"],
             accelerator.device,
             rank,
@@ -479,7 +476,7 @@ def main(argv=None) -> int:
                 with open(output_dir / "metrics.jsonl", "a") as handle:
                     handle.write(json.dumps({"step": step, "terms": reduced}) + "\n")
             if step % train_cfg["eval_every"] == 0 or step == total_steps:
-                valid = validate()
+                valid = evaluate_split(valid_examples)
                 accelerator.log({f"valid/{k}": v for k, v in valid.items()}, step=step)
                 if valid["ndcg@10"] > s["best_ndcg"]:
                     s["best_ndcg"], s["bad_evals"] = valid["ndcg@10"], 0
@@ -518,22 +515,7 @@ def main(argv=None) -> int:
     accelerator.wait_for_everyone()
     if (output_dir / "best.safetensors").is_file():
         model.load_state_dict(load_file(str(output_dir / "best.safetensors")))
-    model.eval()
-    test = finalize(
-        all_reduce_sums(
-            ranking_sums(
-                lambda ids, lengths, targets: model.rank_targets(
-                    ids, lengths, targets, train_cfg["eval_exclude_history"]
-                ),
-                test_examples,
-                train_cfg["eval_batch_size"],
-                accelerator.device,
-                rank,
-                world,
-            ),
-            accelerator.device,
-        )
-    )
+    test = evaluate_split(test_examples)
     if accelerator.is_main_process:
         staging = output_dir / "final.tmp"
         shutil.rmtree(staging, ignore_errors=True)

@@ -34,7 +34,7 @@ from recdistill.models.teacher import (
     import_backbone_modules,
     save_teacher_files,
 )
-from recdistill.trainer.config import load_config, save_config
+from recdistill.trainer.config import load_config, save_config, start_run_dir
 from recdistill.trainer.data.batches import (
     global_batch_order,
     micro_batches,
@@ -285,10 +285,7 @@ def main(argv=None) -> int:
     else:  # ranks share the machine's cores: oversubscribed threads make CPU runs 10x slower
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
     if rank == 0:
-        if (output_dir / "final").exists() and not args.resume:
-            raise SystemExit(f"{output_dir}: a finished run is there; use another train.output_dir")
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "run_config.yaml")
+        start_run_dir(output_dir, cfg, args.resume)
     dist.barrier()
 
     splits, stats = load_sequences(data_cfg["dir"])

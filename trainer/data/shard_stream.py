@@ -206,6 +206,17 @@ class TeacherShardStream(IterableDataset):
             )
         return samples
 
+    def _read_or_skip(self, shard: dict, skipped: list[str]) -> list | None:
+        """The shard's samples, or None (reason appended to `skipped`) when on_error is skip."""
+        try:
+            return self._read_shard(shard)
+        except ShardError as error:
+            if self.on_error == "raise":
+                raise
+            log.warning("skipping shard: %s", error)
+            skipped.append(str(error))
+            return None
+
     def _exact_samples(self, worker: int, skipped: list[str]):
         plan = plan_epoch(self.manifest["shards"], self.epoch, self.seed, self.world, self.workers)
         skip = self._skipped_batches(worker) * self.batch_size
@@ -213,13 +224,8 @@ class TeacherShardStream(IterableDataset):
             if skip >= shard["count"]:
                 skip -= shard["count"]
                 continue
-            try:
-                samples = self._read_shard(shard)
-            except ShardError as error:
-                if self.on_error == "raise":
-                    raise
-                log.warning("skipping shard: %s", error)
-                skipped.append(str(error))
+            samples = self._read_or_skip(shard, skipped)
+            if samples is None:
                 continue
             random.Random(f"{self.seed}-{self.epoch}-{shard['file']}").shuffle(samples)
             yield from samples[skip:]
@@ -232,15 +238,8 @@ class TeacherShardStream(IterableDataset):
         shards = wds.ResampledShards(urls, seed=rng.randrange(2**31), deterministic=True)
         buffer: list = []
         for item in shards:
-            try:
-                samples = self._read_shard(counts[item["url"]])
-            except ShardError as error:
-                if self.on_error == "raise":
-                    raise
-                log.warning("skipping shard: %s", error)
-                skipped.append(str(error))
-                continue
-            for sample in samples:
+            samples = self._read_or_skip(counts[item["url"]], skipped)
+            for sample in samples or []:
                 buffer.append(sample)
                 if len(buffer) >= self.shuffle_buffer:
                     yield buffer.pop(rng.randrange(len(buffer)))
