@@ -30,7 +30,18 @@ echo "recdistill: job ${SLURM_JOB_ID:-local} on ${NUM_NODES} node(s) x ${PROCS_P
 NODE_SETUP='if [ -z "${GLOO_SOCKET_IFNAME:-}" ]; then
     iface=$("$PYTHON" -m recdistill.launcher.slurm interface-to "$MASTER_ADDR"); [ -n "$iface" ] && export GLOO_SOCKET_IFNAME=$iface
 fi'
-export NODE_SETUP PYTHON
+export NODE_SETUP PYTHON BIN CONFIG
+
+# deepspeed_per_node SCRIPT [ARGS...]: one srun task per node runs that node's deepspeed launcher
+# (no ssh: --node_rank is the task's own SLURM_NODEID), all meeting at the first node.
+deepspeed_per_node() {
+    SCRIPT=$1
+    shift
+    export SCRIPT
+    srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'eval "$NODE_SETUP"
+        exec "$BIN/deepspeed" --hostfile "$HOSTFILE" --no_ssh --node_rank "$SLURM_NODEID" \
+            --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$SCRIPT" "$@"' _ "$@"
+}
 
 # write_hostfile DIR: the DeepSpeed hostfile (`host slots=N`) on the shared filesystem, where
 # every node's launcher reads it; exports HOSTFILE.

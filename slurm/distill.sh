@@ -16,7 +16,6 @@
 source "${RECDISTILL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
 
 OUTPUT_DIR=$(config_value train.output_dir)
-export CONFIG BIN
 export TOTAL_PROCS=$((NUM_NODES * PROCS_PER_NODE))
 export MIXED_PRECISION=${MIXED_PRECISION:-no}
 

@@ -16,12 +16,7 @@ source "${RECDISTILL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
 
 OUTPUT_DIR=$(config_value output_dir)
 write_hostfile "$OUTPUT_DIR"
-export CONFIG BIN
 
 # On USR1 every data-parallel rank stops after its current shard group and the job is requeued;
 # the rerun skips the finished groups (a kill loses at most the groups being written).
-run_and_requeue "$OUTPUT_DIR/STOP" \
-    srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'eval "$NODE_SETUP"
-        exec "$BIN/deepspeed" --hostfile "$HOSTFILE" --no_ssh --node_rank "$SLURM_NODEID" \
-            --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-            trainer/precompute.py --config "$CONFIG" "$@"' _ "${ARGS[@]}"
+run_and_requeue "$OUTPUT_DIR/STOP" deepspeed_per_node trainer/precompute.py --config "$CONFIG" "${ARGS[@]}"

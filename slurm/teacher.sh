@@ -18,10 +18,5 @@ source "${RECDISTILL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
 
 OUTPUT_DIR=$(config_value train.output_dir)
 write_hostfile "$OUTPUT_DIR"
-export CONFIG BIN
 
-run_and_requeue "$OUTPUT_DIR/STOP" \
-    srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'eval "$NODE_SETUP"
-        exec "$BIN/deepspeed" --hostfile "$HOSTFILE" --no_ssh --node_rank "$SLURM_NODEID" \
-            --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-            trainer/teacher.py --config "$CONFIG" --resume "$@"' _ "${ARGS[@]}"
+run_and_requeue "$OUTPUT_DIR/STOP" deepspeed_per_node trainer/teacher.py --config "$CONFIG" --resume "${ARGS[@]}"

@@ -64,7 +64,7 @@ def _install_slurm() -> None:
 
 def _pid(path: Path) -> int | None:
     try:
-        pid = int(path.read_text().split()[0])
+        pid = int(path.read_text(errors="replace").split()[0])
         os.kill(pid, 0)
         return pid
     except (OSError, ValueError, IndexError):
@@ -291,7 +291,7 @@ def test_sbatch_teacher(cluster, demo_data, tmp_path):
         output=tmp_path / "log",
     )
     state = cluster.wait(job)
-    log = (tmp_path / "log").read_text()
+    log = (tmp_path / "log").read_text(errors="replace")
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log[-3000:]
     assert "1 node(s) x 2 processes" in log
     from recdistill.models.teacher import LLMRecTeacher
@@ -321,7 +321,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, demo_data, tmp_path):
         time.sleep(0.5)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster.env, check=True)
     state = cluster.wait(job, release_requeued=True)
-    log = (tmp_path / "log").read_text()
+    log = (tmp_path / "log").read_text(errors="replace")
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log[-3000:]
     assert "stop requested: checkpointed step" in log and "resumed from step" in log
     steps = {r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r}
@@ -341,7 +341,7 @@ def test_sbatch_distill(cluster, pipeline, tmp_path):
         output=tmp_path / "log",
     )
     state = cluster.wait(job)
-    log = (tmp_path / "log").read_text()
+    log = (tmp_path / "log").read_text(errors="replace")
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log[-3000:]
     assert (out / "final/metrics.json").is_file()
 
@@ -373,7 +373,7 @@ def test_two_node_deepspeed_and_accelerate(two_hosts, pipeline, tmp_path):
         nodes=2,
     )
     state = two_hosts.wait(job)
-    log = (tmp_path / "teacher.log").read_text()
+    log = (tmp_path / "teacher.log").read_text(errors="replace")
     assert state["JobState"] == "COMPLETED", log[-3000:]
     assert "2 node(s) x 1 processes" in log and "nnodes=2" in log
     assert (teacher / "final/model.safetensors").is_file()
@@ -390,5 +390,5 @@ def test_two_node_deepspeed_and_accelerate(two_hosts, pipeline, tmp_path):
         nodes=2,
     )
     state = two_hosts.wait(job)
-    assert state["JobState"] == "COMPLETED", (tmp_path / "distill.log").read_text()[-3000:]
+    assert state["JobState"] == "COMPLETED", (tmp_path / "distill.log").read_text(errors="replace")[-3000:]
     assert (student / "final/metrics.json").is_file()
