@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -11,6 +12,21 @@ import yaml
 
 class ConfigError(ValueError):
     pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; configs mean a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def load_config(
@@ -27,7 +43,7 @@ def load_config(
         raise ConfigError(f"{path}: config file not found")
     text = path.read_text()
     try:
-        loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        loaded = json.loads(text) if path.suffix == ".json" else _yaml(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise ConfigError(f"{path}: cannot parse: {error}") from None
     config = copy.deepcopy(defaults) if defaults else {}
@@ -36,7 +52,7 @@ def load_config(
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {override!r}: expected key.sub=value")
-        value = yaml.safe_load(raw) if raw else None
+        value = _yaml(raw) if raw else None
         nested: dict = {}
         cursor = nested
         parts = key.split(".")

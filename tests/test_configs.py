@@ -1,0 +1,39 @@
+"""Every shipped config parses against its job's defaults; overrides get types; typos are errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from recdistill.trainer.config import ConfigError, load_config
+from recdistill.trainer.distill import DEFAULTS as DISTILL
+from recdistill.trainer.precompute import DEFAULTS as PRECOMPUTE
+from recdistill.trainer.teacher import DEFAULTS as TEACHER
+
+from .conftest import ROOT
+
+JOBS = {"teacher": TEACHER, "precompute": PRECOMPUTE, "distill": DISTILL}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(path):
+    job = path.name.split("_")[0]
+    config = load_config(path, [], JOBS[job])
+    assert config  # every key known to the job (load_config raises on unknown keys)
+
+
+def test_overrides_are_typed_and_checked(tmp_path):
+    config = load_config(
+        ROOT / "configs/teacher_demo.yaml",
+        ["train.lr=3e-4", "model.lora={r: 4}", "train.max_steps=null"],
+        TEACHER,
+    )
+    assert (
+        config["train"]["lr"] == 3e-4
+        and config["model"]["lora"] == {"r": 4}
+        and config["train"]["max_steps"] is None
+    )
+    with pytest.raises(ConfigError, match="unknown key 'train.lrr'"):
+        load_config(ROOT / "configs/teacher_demo.yaml", ["train.lrr=1"], TEACHER)
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: cannot parse"):
+        load_config(tmp_path / "bad.yaml", [], TEACHER)
