@@ -390,5 +390,7 @@ def test_two_node_deepspeed_and_accelerate(two_hosts, pipeline, tmp_path):
         nodes=2,
     )
     state = two_hosts.wait(job)
-    assert state["JobState"] == "COMPLETED", (tmp_path / "distill.log").read_text(errors="replace")[-3000:]
+    assert state["JobState"] == "COMPLETED", (tmp_path / "distill.log").read_text(errors="replace")[
+        -3000:
+    ]
     assert (student / "final/metrics.json").is_file()
