@@ -87,8 +87,6 @@ def main() -> int:
         "hidden_layers": [args.layers],
         "hidden_positions": [-1],
         "hidden_dtype": "float16",
-        "_prefix_ids": [],
-        "_suffix_ids": [],
     }
 
     def sync():

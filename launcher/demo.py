@@ -65,9 +65,38 @@ def data_stage(out: Path, report: dict) -> None:
     }
 
 
-def deepspeed_command(script: str, num_ranks: int, args: list[str]) -> list[str]:
+def deepspeed_command(
+    script: str, num_ranks: int, args: list[str], port: int | None = None
+) -> list[str]:
+    """`deepspeed` with `num_ranks` local ranks (CPU ranks under DS_ACCELERATOR=cpu)."""
     launcher = str(Path(sys.executable).parent / "deepspeed")
-    return [launcher, "--num_gpus", str(num_ranks), script, *args]
+    port_args = ["--master_port", str(port)] if port else []
+    return [launcher, "--num_gpus", str(num_ranks), *port_args, script, *args]
+
+
+def accelerate_command(
+    script: str, num_processes: int, args: list[str], port: int | None = None
+) -> list[str]:
+    """`accelerate launch` on one machine (CPU processes under ACCELERATE_USE_CPU=true)."""
+    launcher = str(Path(sys.executable).parent / "accelerate")
+    processes = ["--multi_gpu"] if num_processes > 1 else []
+    port_args = ["--main_process_port", str(port)] if port else []
+    return [
+        launcher,
+        "launch",
+        *processes,
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *port_args,
+        script,
+        *args,
+    ]
 
 
 CPU_ENV = {"DS_ACCELERATOR": "cpu"}
@@ -169,7 +198,6 @@ DISTILL_VARIANTS = {
 
 
 def distill_stage(out: Path, report: dict) -> None:
-    accelerate = str(Path(sys.executable).parent / "accelerate")
     figures = {}
     for name, overrides in DISTILL_VARIANTS.items():
         run_dir = out / "student" / name.removeprefix("student_")
@@ -178,27 +206,19 @@ def distill_stage(out: Path, report: dict) -> None:
             resume = ["--resume"] if (run_dir / "checkpoints").is_dir() else []
             seconds = run_stage(
                 f"distill {name}",
-                [
-                    accelerate,
-                    "launch",
-                    "--multi_gpu",
-                    "--num_processes",
-                    "2",
-                    "--num_machines",
-                    "1",
-                    "--mixed_precision",
-                    "no",
-                    "--dynamo_backend",
-                    "no",
+                accelerate_command(
                     "trainer/distill.py",
-                    "--config",
-                    str(CONFIGS / "distill_demo.yaml"),
-                    *resume,
-                    f"data.dir={out / 'data'}",
-                    f"shards.dir={out / 'shards'}",
-                    f"train.output_dir={run_dir}",
-                    *overrides,
-                ],
+                    2,
+                    [
+                        "--config",
+                        str(CONFIGS / "distill_demo.yaml"),
+                        *resume,
+                        f"data.dir={out / 'data'}",
+                        f"shards.dir={out / 'shards'}",
+                        f"train.output_dir={run_dir}",
+                        *overrides,
+                    ],
+                ),
                 env={"ACCELERATE_USE_CPU": "true"},
             )
         metrics = json.loads((run_dir / "final/metrics.json").read_text())

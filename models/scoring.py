@@ -28,6 +28,11 @@ def _chunk_scores(
     return scores
 
 
+def full_scores(user_reps: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
+    """[M, N + 1] scores of every item (padding column -inf), for inference on small catalogues."""
+    return _chunk_scores(user_reps, item_table, 0, item_table.shape[0])
+
+
 class _CatalogueCrossEntropy(torch.autograd.Function):
     """Per-row softmax cross-entropy over the whole catalogue without storing M x N logits.
 

@@ -185,6 +185,12 @@ class LLMRecTeacher(nn.Module):
     def item_table(self) -> torch.Tensor:
         return self.item_embeddings.weight
 
+    def last_reps(self, user_reps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[B, d_item]: the representation after each user's whole input (from forward's user_reps)."""
+        if self.config.mode == "prefix":
+            return user_reps[:, 0]
+        return user_reps[torch.arange(user_reps.shape[0], device=user_reps.device), lengths - 1]
+
     # ---- forward -----------------------------------------------------------------------------
     def forward(
         self,
@@ -220,11 +226,7 @@ class LLMRecTeacher(nn.Module):
             result.loss = self._loss(user_reps, targets, table)
         if score is not None:
             if score == "last":
-                reps = (
-                    user_reps[rows, lengths - 1]
-                    if self.config.mode == "sequence"
-                    else user_reps[:, 0]
-                )
+                reps = self.last_reps(user_reps, lengths)
                 flat_targets = targets  # [B] or None
             else:  # every real position, row-major: user 0's positions, then user 1's, ...
                 positions = torch.arange(user_reps.shape[1], device=lengths.device)

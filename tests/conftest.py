@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from recdistill.launcher.demo import DEMO_DATA_ARGS
+from recdistill.launcher.demo import DEMO_DATA_ARGS, accelerate_command, deepspeed_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,15 +38,7 @@ def launch(
 ) -> subprocess.CompletedProcess:
     """Run a job under the real `deepspeed` launcher on CPU ranks, as a user would."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    command = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        str(num_ranks),
-        "--master_port",
-        str(_free_port()),
-        str(ROOT / script),
-        *args,
-    ]
+    command = deepspeed_command(str(ROOT / script), num_ranks, args, port=_free_port())
     return subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -107,25 +99,7 @@ def accelerate_launch(
 ) -> subprocess.CompletedProcess:
     """Run a job under the real `accelerate launch` with CPU processes, as a user would."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1"}
-    launcher = str(Path(sys.executable).parent / "accelerate")
-    command = [
-        launcher,
-        "launch",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-    ]
-    command += (
-        ["--multi_gpu", "--num_processes", str(num_processes)]
-        if num_processes > 1
-        else ["--num_processes", "1"]
-    )
-    command += [str(ROOT / script), *args]
+    command = accelerate_command(str(ROOT / script), num_processes, args, port=_free_port())
     return subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )

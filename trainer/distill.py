@@ -154,7 +154,7 @@ def build_student(student_cfg: dict, num_items: int, max_len: int):
     return model_class(config_class(num_items=num_items, max_len=max_len, **student_cfg["options"]))
 
 
-def block_dims(student, max_len: int) -> list[int]:
+def block_dims(student) -> list[int]:
     """Width of each student block's output, read off one tiny forward."""
     with torch.no_grad():
         was_training = student.training
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
         else None
     )
     objective = DistillationObjective(
-        student, loss_cfg, manifest, teacher_table, block_dims(student, data_cfg["max_len"])
+        student, loss_cfg, manifest, teacher_table, block_dims(student)
     )
     optimizer = torch.optim.AdamW(
         objective.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recdistill.models.scoring import full_scores
 from recdistill.trainer.data.batches import even_shard, prefix_batch
 from recdistill.trainer.data.pipeline import load_sequences
 from recdistill.trainer.metrics import finalize, metric_sums
@@ -138,41 +139,38 @@ def inference_speed(
 
 
 def student_fns(directory: Path, device):
+    """(rank_fn, score_fn) of a student release."""
     from recdistill.trainer.distill import load_distilled
 
     objective = load_distilled(directory).to(device).eval()
 
-    def rank_fn(ids, lengths, targets):
-        return objective.rank_targets(ids, lengths, targets)
-
+    @torch.no_grad()
     def score_fn(ids, lengths):
         out, table = objective.encode(ids, lengths)
-        reps = out.user_reps[torch.arange(ids.shape[0], device=ids.device), lengths - 1]
-        scores = reps @ table.T
-        scores[:, 0] = float("-inf")
-        return scores
+        return full_scores(
+            out.user_reps[torch.arange(ids.shape[0], device=ids.device), lengths - 1], table
+        )
 
-    return rank_fn, score_fn, objective.student.config.max_len
+    return objective.rank_targets, score_fn
 
 
 def teacher_fns(directory: Path, device):
+    """(rank_fn, score_fn) of a teacher release."""
     from recdistill.models.teacher import LLMRecTeacher
 
     teacher = LLMRecTeacher.from_pretrained(directory).to(device).eval()
 
+    @torch.no_grad()
     def rank_fn(ids, lengths, targets):
-        with torch.no_grad():
-            return teacher(ids, lengths, targets=targets, score="last").stats.target_ranks
+        return teacher(ids, lengths, targets=targets, score="last").stats.target_ranks
 
+    @torch.no_grad()
     def score_fn(ids, lengths):
-        with torch.no_grad():
-            out = teacher(ids, lengths)
-        reps = out.user_reps[torch.arange(ids.shape[0], device=ids.device), lengths - 1]
-        scores = reps @ teacher.item_table().T
-        scores[:, 0] = float("-inf")
-        return scores
+        return full_scores(
+            teacher.last_reps(teacher(ids, lengths).user_reps, lengths), teacher.item_table()
+        )
 
-    return rank_fn, score_fn, None
+    return rank_fn, score_fn
 
 
 def main(argv=None) -> int:
@@ -214,7 +212,7 @@ def main(argv=None) -> int:
     if args.teacher:
         models.append(("teacher", teacher_fns(Path(args.teacher), device)))
     report = {"split": args.split, "users": len(examples), "models": {}}
-    for name, (rank_fn, score_fn, _) in models:
+    for name, (rank_fn, score_fn) in models:
         metrics = finalize(ranking_sums(rank_fn, examples, args.batch_size, device))
         entry = {
             "full": metrics,

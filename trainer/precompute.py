@@ -202,7 +202,7 @@ def batch_samples(
     confidence = stats.logsumexp[:, :1] - stats.topk_scores  # -log p of each candidate
     target_logprob = stats.target_scores - stats.logsumexp[:, 0]
     # The last real position of each row in the backbone's input (prefix mode: after the prompt).
-    last = inputs.new_tensor([len(cfg["_prefix_ids"])]) + lengths + len(cfg["_suffix_ids"]) - 1
+    last = getattr(teacher, "module", teacher).last_positions(lengths)
     samples, offset = [], 0
     for row, (key, user_row, item_ids, example_targets) in enumerate(examples):
         rows = slice(offset, offset + len(example_targets))
@@ -287,13 +287,6 @@ def main(argv=None) -> int:
         raise SystemExit(
             f"teacher was trained in {model_config.mode} mode, data.mode is {cfg['data']['mode']}"
         )
-    cfg["_prefix_ids"], cfg["_suffix_ids"] = (
-        model_config.prompt_prefix_ids,
-        model_config.prompt_suffix_ids,
-    )
-    if cfg["data"]["mode"] == "sequence":
-        cfg["_prefix_ids"], cfg["_suffix_ids"] = [], []
-
     examples = plan_examples(splits["train"]["items"], cfg["data"])
     size = cfg["shard_size"]
     groups = [(g, examples[g * size : (g + 1) * size]) for g in range(-(-len(examples) // size))]
@@ -412,9 +405,7 @@ def write_manifest(
         "shards": shards,
     }
     write_json_atomic(out_dir / MANIFEST, manifest)
-    save_config(
-        {k: v for k, v in cfg.items() if not k.startswith("_")}, out_dir / "precompute_config.yaml"
-    )
+    save_config(cfg, out_dir / "precompute_config.yaml")
     print(
         json.dumps(
             {
