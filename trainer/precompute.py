@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -53,6 +52,7 @@ from recdistill.trainer.data.shards import (
     write_json_atomic,
 )
 from recdistill.trainer.requeue import STOP_FILE
+from recdistill.trainer.shutdown import exit_after_cleanup
 from recdistill.trainer.teacher import local_world_size
 
 DEFAULTS: dict = {
@@ -419,4 +419,4 @@ def write_manifest(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after_cleanup(main())

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -51,6 +50,7 @@ from recdistill.trainer.evaluate import (
 )
 from recdistill.trainer.metrics import finalize
 from recdistill.trainer.requeue import stop_requested
+from recdistill.trainer.shutdown import exit_after_cleanup
 
 DEFAULTS: dict = {
     "data": {
@@ -462,4 +462,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after_cleanup(main())

@@ -1,0 +1,28 @@
+"""Ending a distributed job's process without interpreter teardown.
+
+After a job has finished its work, closed its files and destroyed its process group, the
+interpreter's own teardown can still abort the process: C++ objects of torch, Gloo and DeepSpeed
+ops (thread pools, stores) are destroyed in an unspecified order while their threads may still
+be joinable, which ends in "terminate called without an active exception" and SIGABRT. The job
+then exits -6 although every output was written, the launcher kills the other ranks and Slurm
+marks the job FAILED (seen once in CI under srun). Exiting with os._exit after flushing skips
+that teardown; it is only used from `if __name__ == "__main__"`, never when `main` is called
+in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def exit_after_cleanup(code: int) -> None:
+    """Flush what Python buffers, then end the process with `code`, skipping interpreter teardown."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe must not change the exit code
+            pass
+    os._exit(code)
