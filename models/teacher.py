@@ -125,8 +125,15 @@ class LLMRecTeacher(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = build_backbone(config, load_backbone_weights)
-        self.item_embeddings = nn.Embedding(config.num_items + 1, config.item_dim, padding_idx=0)
-        nn.init.normal_(self.item_embeddings.weight, std=config.item_dim**-0.5)
+        # The initial table is handed to the constructor: under DeepSpeed's zero.Init a module's
+        # parameters are partitioned when its __init__ returns, so an nn.init call afterwards
+        # would silently do nothing (the table kept nn.Embedding's N(0, 1), 8x too large at
+        # item_dim 64, and the teacher learned several times slower).
+        table = torch.randn(config.num_items + 1, config.item_dim) * config.item_dim**-0.5
+        table[0] = 0.0  # padding
+        self.item_embeddings = nn.Embedding(
+            config.num_items + 1, config.item_dim, padding_idx=0, _weight=table
+        )
         self.item_embeddings.weight.requires_grad_(not config.freeze_item_embeddings)
         self.item_in_proj = nn.Linear(config.item_dim, config.hidden_size)
         self.user_out_proj = nn.Linear(config.hidden_size, config.item_dim)

@@ -34,6 +34,14 @@ def test_overrides_are_typed_and_checked(tmp_path):
     )
     with pytest.raises(ConfigError, match="unknown key 'train.lrr'"):
         load_config(ROOT / "configs/teacher_demo.yaml", ["train.lrr=1"], TEACHER)
+    # The backbone is an HF config (free-form): new keys are allowed there, typos elsewhere not.
+    config = load_config(
+        ROOT / "configs/teacher_demo.yaml", ["model.backbone.initializer_range=0.1"], TEACHER
+    )
+    assert config["model"]["backbone"]["initializer_range"] == 0.1
+    assert config["model"]["backbone"]["hidden_size"] == 64  # the file's keys are kept
+    with pytest.raises(ConfigError, match="unknown key 'model.item_dimm'"):
+        load_config(ROOT / "configs/teacher_demo.yaml", ["model.item_dimm=8"], TEACHER)
     (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: cannot parse"):
         load_config(tmp_path / "bad.yaml", [], TEACHER)

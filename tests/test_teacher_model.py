@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from recdistill.models.teacher import LLMRecTeacher, TeacherConfig
 from recdistill.trainer.data.batches import pad_right, sequence_batch
+
+from .conftest import launch
 
 TINY_LLAMA = {
     "model_type": "llama",
@@ -128,3 +132,13 @@ def test_pretrained_item_table_is_loaded_and_can_be_frozen(tmp_path):
     save_file({"weight": torch.randn(5, 16)}, str(tmp_path / "wrong.safetensors"))
     with pytest.raises(ValueError, match="wrong.safetensors"):
         load_item_embeddings(model, str(tmp_path / "wrong.safetensors"))
+
+
+def test_item_table_initialised_under_zero3():
+    """zero.Init partitions parameters as each module is built; an init applied afterwards is
+    lost. The table must come out N(0, item_dim^-1/2) with a zero padding row under ZeRO-3 too."""
+    result = launch("tests/scripts/zero3_item_table.py", [], num_ranks=2, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    assert abs(stats["std"] - 64**-0.5) < 0.1 * 64**-0.5, stats
+    assert stats["padding_max"] == 0.0

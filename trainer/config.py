@@ -47,7 +47,10 @@ def load_config(
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise ConfigError(f"{path}: cannot parse: {error}") from None
     config = copy.deepcopy(defaults) if defaults else {}
-    _merge(config, loaded or {}, str(path), strict=defaults is not None)
+    # Sections whose default is an empty dict are free-form (an HF backbone config, a student's
+    # options): any key may be added there, by the file or by an override.
+    free_form = _empty_sections(defaults or {})
+    _merge(config, loaded or {}, str(path), strict=defaults is not None, free_form=free_form)
     for override in overrides or []:
         key, sep, raw = override.partition("=")
         if not sep or not key:
@@ -59,17 +62,40 @@ def load_config(
         for part in parts[:-1]:
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = value
-        _merge(config, nested, f"override {override!r}", strict=defaults is not None)
+        _merge(
+            config,
+            nested,
+            f"override {override!r}",
+            strict=defaults is not None,
+            free_form=free_form,
+        )
     return config
 
 
-def _merge(base: dict, update: dict, where: str, strict: bool, prefix: str = "") -> None:
+def _empty_sections(defaults: dict, prefix: str = "") -> set[str]:
+    found = set()
+    for key, value in defaults.items():
+        if isinstance(value, dict):
+            found |= {f"{prefix}{key}"} if not value else _empty_sections(value, f"{prefix}{key}.")
+    return found
+
+
+def _merge(
+    base: dict,
+    update: dict,
+    where: str,
+    strict: bool,
+    prefix: str = "",
+    free_form: frozenset | set = frozenset(),
+) -> None:
     for key, value in update.items():
         name = f"{prefix}{key}"
-        if strict and key not in base:
+        parent = prefix.rstrip(".")
+        inside_free_form = any(parent == f or parent.startswith(f"{f}.") for f in free_form)
+        if strict and key not in base and not inside_free_form:
             raise ConfigError(f"{where}: unknown key {name!r} (known: {', '.join(sorted(base))})")
         if isinstance(value, dict) and isinstance(base.get(key), dict) and base.get(key):
-            _merge(base[key], value, where, strict, prefix=f"{name}.")
+            _merge(base[key], value, where, strict, f"{name}.", free_form)
         else:
             base[key] = copy.deepcopy(value)
 
