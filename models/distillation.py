@@ -112,6 +112,12 @@ class DistillationObjective(nn.Module):
                 )
 
             if align["multi_supervision_weight"] > 0:
+                if len(block_dims) < 2:
+                    raise ValueError(
+                        "loss.alignment.multi_supervision_weight > 0 supervises the student's "
+                        f"intermediate blocks, and {student.architecture} has {len(block_dims)} "
+                        "block: set it to 0"
+                    )
                 for block in range(
                     1, len(block_dims)
                 ):  # every block but the last, which is the output

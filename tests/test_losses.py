@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from recdistill.models.distillation import LOSS_DEFAULTS, DistillationObjective, default_pairs
+from recdistill.models.gru4rec import GRU4Rec, GRU4RecConfig
 from recdistill.models.losses import (
     CollaborativeEmbedding,
     feature_alignment,
@@ -221,3 +222,11 @@ def test_bce_next_item_switch():
     pos, neg = (reps * table[targets]).sum(-1), (reps * table[negatives]).sum(-1)
     expected = (-torch.log(torch.sigmoid(pos)) - torch.log(1 - torch.sigmoid(neg))).mean()
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_supervision_on_a_one_block_student_is_a_config_error():
+    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in LOSS_DEFAULTS.items()}
+    cfg["alignment"].update(enabled=True, multi_supervision_weight=0.1)
+    student = GRU4Rec(GRU4RecConfig(num_items=30, hidden_size=8, max_len=5))
+    with pytest.raises(ValueError, match="gru4rec has 1 block: set it to 0"):
+        DistillationObjective(student, cfg, MANIFEST, torch.randn(31, 12), block_dims=[8])

@@ -1,0 +1,490 @@
+"""Quality on real data: popularity, the teacher, and four students with and without distillation.
+
+    python bench/quality.py --scale cpu      # reduced scale, 2-core CPU, under an hour
+    python bench/quality.py --scale gpu      # full scale on a GPU machine, same pipeline
+    python bench/quality.py --scale cpu --datasets ml-1m --students sasrec --variants plain --seeds 0
+
+For every dataset of the scale file (bench/configs/SCALE.yaml) found under --data-root:
+1. prepare it with trainer/prepare_data.py (after a seeded sample of its users when the scale
+   asks for one);
+2. fine-tune the teacher once per seed with trainer/teacher.py under the deepspeed launcher;
+3. precompute the seed-0 teacher's shards with trainer/precompute.py;
+4. train every student x variant x seed with trainer/distill.py (variants: plain = next-item
+   cross-entropy only, dllm2rec, slmrec, both; the same overrides as the demo's).
+Every job is the real job script run as its own process, with its config written into its run
+folder under --work; a finished run is reused, so an interrupted benchmark continues where it
+stopped. Test metrics are leave-one-out, full ranking over the whole catalogue.
+
+Writes bench/results/quality_SCALE.json (every seed's numbers, means and spreads),
+quality_SCALE.md (the tables) and curves_SCALE_DATASET.png (validation NDCG@10 against training
+examples seen, teacher vs students).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from recdistill.launcher.demo import DISTILL_VARIANTS, accelerate_command, deepspeed_command
+from recdistill.trainer import distill, precompute, teacher
+from recdistill.trainer.config import load_config, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+METRICS = ("hr@10", "ndcg@10", "mrr")
+JOB_SECONDS: dict[str, float] = {}  # log name -> wall seconds of the jobs this invocation ran
+
+
+# ---- configuration -------------------------------------------------------------------------
+
+
+def load_scale(name_or_path: str) -> dict:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = ROOT / "bench" / "configs" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"--scale {name_or_path}: no such file (bench/configs/ has cpu and gpu)")
+    scale = yaml.safe_load(path.read_text())
+    scale["name"] = path.stem
+    return scale
+
+
+def write_job_config(
+    base: str, overrides: list[str], defaults: dict, settings: dict, path: Path
+) -> Path:
+    """The job's config: its base file, the scale's overrides, then this run's settings."""
+    config = load_config(ROOT / base, overrides, defaults)
+    for dotted, value in settings.items():
+        section = config
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            section = section[part]
+        section[leaf] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_config(config, path)
+    return path
+
+
+# ---- running jobs --------------------------------------------------------------------------
+
+
+def run_job(command: list[str], log_path: Path, env: dict) -> float:
+    """Run one job with its output in log_path; a failure names the log and shows its end."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write(" ".join(command) + "\n")
+        log.flush()
+        result = subprocess.run(
+            command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
+        )
+    if result.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"{tail}\nbench: job failed (exit {result.returncode}); log: {log_path}")
+    seconds = time.perf_counter() - started
+    JOB_SECONDS[log_path.stem] = round(seconds, 1)
+    # Kept beside the logs across invocations, so a resumed benchmark still reports its total.
+    record = log_path.parent / "seconds.json"
+    times = json.loads(record.read_text()) if record.is_file() else {}
+    record.write_text(json.dumps({**times, log_path.stem: round(seconds, 1)}, indent=1) + "\n")
+    return seconds
+
+
+def deepspeed_job(scale: dict, script: str, config: Path, extra: list[str] | None = None):
+    command = deepspeed_command(script, scale["ranks"], ["--config", str(config), *(extra or [])])
+    return command, ({"DS_ACCELERATOR": "cpu"} if scale["device"] == "cpu" else {})
+
+
+def distill_job(scale: dict, config: Path, resume: bool):
+    args = ["--config", str(config), *(["--resume"] if resume else [])]
+    env = {"ACCELERATE_USE_CPU": "true"} if scale["device"] == "cpu" else {}
+    if scale["student_processes"] == 1:  # Accelerate in a plain process: no launcher start-up
+        return [sys.executable, "trainer/distill.py", *args], env
+    return accelerate_command("trainer/distill.py", scale["student_processes"], args), env
+
+
+# ---- the stages ----------------------------------------------------------------------------
+
+
+def sample_users(source: Path, count: int, seed: int, target: Path) -> None:
+    """Keep the lines of `count` users drawn with `seed` (the user is each line's first field:
+    true of the sasrec and lines formats)."""
+    lines = source.read_text().splitlines(keepends=True)
+    users = list(dict.fromkeys(line.split(maxsplit=1)[0] for line in lines if line.strip()))
+    if count >= len(users):
+        raise SystemExit(f"{source}: sample_users {count} >= the {len(users)} users there")
+    chosen = set(np.random.default_rng(seed).choice(users, size=count, replace=False).tolist())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(
+        "".join(line for line in lines if line.strip() and line.split(maxsplit=1)[0] in chosen)
+    )
+
+
+def prepare(name: str, spec: dict, data_root: Path, work: Path) -> Path:
+    data_dir = work / name / "data"
+    if (data_dir / "stats.json").is_file():
+        return data_dir
+    source = data_root / spec["path"]
+    if spec.get("sample_users"):
+        sampled = work / name / f"sample_{spec['sample_users']}_users.txt"
+        sample_users(source, spec["sample_users"], 0, sampled)
+        source = sampled
+    command = [
+        sys.executable,
+        "trainer/prepare_data.py",
+        "--format",
+        spec["format"],
+        "--input",
+        str(source),
+        "--output",
+        str(data_dir),
+        "--max-seq-len",
+        str(spec["max_len"] + 3),  # the training sequence keeps max_len + 1 after the split
+    ]
+    run_job(command, work / name / "logs/prepare.log", {})
+    return data_dir
+
+
+def train_teacher(
+    scale: dict, name: str, spec: dict, data_dir: Path, seed: int, work: Path
+) -> Path:
+    run_dir = work / name / f"teacher_s{seed}"
+    if (run_dir / "final/metrics.json").is_file():
+        return run_dir
+    config = write_job_config(
+        scale["teacher"]["config"],
+        [*scale["teacher"]["overrides"], *spec.get("teacher_overrides", [])],
+        teacher.DEFAULTS,
+        {
+            "data.dir": str(data_dir),
+            "data.max_len": spec["max_len"],
+            "train.output_dir": str(run_dir),
+            "train.seed": seed,
+        },
+        work / name / f"configs/teacher_s{seed}.yaml",
+    )
+    resume = ["--resume"] if (run_dir / "checkpoints/latest").is_file() else []
+    command, env = deepspeed_job(scale, "trainer/teacher.py", config, resume)
+    run_job(command, work / name / f"logs/teacher_s{seed}.log", env)
+    return run_dir
+
+
+def precompute_shards(
+    scale: dict, name: str, spec: dict, data_dir: Path, teacher_dir: Path, work: Path
+) -> Path:
+    shard_dir = work / name / "shards"
+    if (shard_dir / "manifest.json").is_file():
+        return shard_dir
+    config = write_job_config(
+        scale["precompute"]["config"],
+        scale["precompute"]["overrides"],
+        precompute.DEFAULTS,
+        {
+            "teacher": str(teacher_dir / "final"),
+            "data.dir": str(data_dir),
+            "data.max_len": spec["max_len"],
+            "output_dir": str(shard_dir),
+        },
+        work / name / "configs/precompute.yaml",
+    )
+    command, env = deepspeed_job(scale, "trainer/precompute.py", config)  # resumes by itself
+    run_job(command, work / name / "logs/precompute.log", env)
+    return shard_dir
+
+
+def train_student(
+    scale: dict,
+    name: str,
+    spec: dict,
+    paths: dict,
+    student: str,
+    variant: str,
+    seed: int,
+    work: Path,
+) -> Path:
+    run_name = f"{student}_{variant}_s{seed}"
+    run_dir = work / name / "students" / run_name
+    if (run_dir / "final/metrics.json").is_file():
+        return run_dir
+    student_section = scale["students"][student]
+    settings = {
+        "data.dir": str(paths["data"]),
+        "data.max_len": spec["max_len"],
+        "shards.dir": str(paths["shards"]),
+        "student.architecture": student_section["architecture"],
+        "student.options": student_section["options"],
+        "train.output_dir": str(run_dir),
+        "train.seed": seed,
+    }
+    config = write_job_config(
+        scale["distill"]["config"],
+        [
+            *scale["distill"]["overrides"],
+            *spec.get("distill_overrides", []),
+            *DISTILL_VARIANTS[f"student_{variant}"],
+            *student_section.get("overrides", []),
+        ],
+        distill.DEFAULTS,
+        settings,
+        work / name / f"configs/{run_name}.yaml",
+    )
+    command, env = distill_job(scale, config, resume=(run_dir / "checkpoints").is_dir())
+    run_job(command, work / name / f"logs/{run_name}.log", env)
+    return run_dir
+
+
+# ---- results -------------------------------------------------------------------------------
+
+
+def summarize(values: list[float]) -> dict:
+    array = np.asarray(values, dtype=float)
+    spread = float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    return {"mean": float(array.mean()), "std": spread, "values": [float(v) for v in array]}
+
+
+def validation_curve(run_dir: Path, examples_per_step: int) -> list[tuple[int, float]]:
+    """(training examples seen, validation NDCG@10) from a job's metrics.jsonl."""
+    points = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "valid/ndcg@10" in record:
+            points.append((record["step"] * examples_per_step, record["valid/ndcg@10"]))
+    return points
+
+
+def examples_per_step(run_dir: Path, kind: str, ranks: int) -> int:
+    config = yaml.safe_load((run_dir / "run_config.yaml").read_text())["train"]
+    if kind == "teacher":
+        return config["micro_batch_size"] * config["grad_accum"] * ranks
+    return config["batch_size"] * config["grad_accum"] * ranks
+
+
+def collect(
+    scale: dict, name: str, work: Path, students: list, variants: list, seeds: list
+) -> dict:
+    base = work / name
+    stats = json.loads((base / "data/stats.json").read_text())
+    teacher_runs = [base / f"teacher_s{seed}" for seed in seeds]
+    teacher_metrics = [json.loads((r / "final/metrics.json").read_text()) for r in teacher_runs]
+    rows = {
+        "popularity": {m: summarize([teacher_metrics[0]["popularity"][m]]) for m in METRICS},
+        "teacher": {m: summarize([t["teacher"][m] for t in teacher_metrics]) for m in METRICS},
+    }
+    curves = {
+        "teacher": validation_curve(
+            teacher_runs[0], examples_per_step(teacher_runs[0], "teacher", scale["ranks"])
+        )
+    }
+    for student in students:
+        for variant in variants:
+            runs = [base / "students" / f"{student}_{variant}_s{seed}" for seed in seeds]
+            results = [json.loads((r / "final/metrics.json").read_text()) for r in runs]
+            rows[f"{student}/{variant}"] = {
+                m: summarize([r["student"][m] for r in results]) for m in METRICS
+            }
+            curves[f"{student}/{variant}"] = validation_curve(
+                runs[0], examples_per_step(runs[0], "student", scale["student_processes"])
+            )
+    record = base / "logs/seconds.json"
+    times = json.loads(record.read_text()) if record.is_file() else {}
+    stage_minutes = {
+        stage: round(sum(v for k, v in times.items() if k.startswith(prefix)) / 60, 1)
+        for stage, prefix in (("teacher", "teacher_"), ("precompute", "precompute"))
+    }
+    stage_minutes["students"] = round(
+        sum(v for k, v in times.items() if not k.startswith(("teacher_", "precompute", "prepare")))
+        / 60,
+        1,
+    )
+    return {
+        "data": {k: stats[k] for k in ("users", "items", "interactions")},
+        "job_minutes": stage_minutes,
+        "rows": rows,
+        "curves": curves,
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Quality benchmark, scale `{report['scale']}`",
+        "",
+        f"`{report['command']}` — {report['device']}, {report['minutes']:.0f} min for this "
+        "invocation (a resumed benchmark reuses finished runs). "
+        f"Leave-one-out test split, full ranking; mean ± std over seeds {report['seeds']}.",
+        "",
+    ]
+    for name, result in report["datasets"].items():
+        data = result["data"]
+        lines += [
+            f"## {name}: {data['users']:,} users, {data['items']:,} items, "
+            f"{data['interactions']:,} interactions",
+            "",
+            *(
+                [
+                    "Job time: "
+                    + ", ".join(f"{k} {v} min" for k, v in result["job_minutes"].items())
+                    + ".",
+                    "",
+                ]
+                if "job_minutes" in result
+                else []
+            ),
+            "| model | HR@10 | NDCG@10 | MRR | NDCG@10 vs plain |",
+            "|---|---|---|---|---|",
+        ]
+        for row, values in result["rows"].items():
+            student, _, variant = row.partition("/")
+            plain = result["rows"].get(f"{student}/plain")
+            change = (
+                f"{100 * (values['ndcg@10']['mean'] / plain['ndcg@10']['mean'] - 1):+.1f}%"
+                if plain and variant != "plain"
+                else ""
+            )
+            cells = " | ".join(f"{values[m]['mean']:.4f} ± {values[m]['std']:.4f}" for m in METRICS)
+            lines.append(f"| {row} | {cells} | {change} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curves(report: dict, scale_name: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, result in report["datasets"].items():
+        students = sorted({row.split("/")[0] for row in result["curves"] if "/" in row})
+        figure, axes = plt.subplots(
+            1, len(students), figsize=(4.2 * len(students), 3.6), squeeze=False
+        )
+        for axis, student in zip(axes[0], students, strict=True):
+            teacher_points = result["curves"]["teacher"]
+            axis.plot(*zip(*teacher_points), color="black", linestyle="--", label="teacher")
+            for row, points in result["curves"].items():
+                if row.startswith(f"{student}/") and points:
+                    axis.plot(*zip(*points), marker=".", label=row.split("/")[1])
+            axis.set_title(f"{name}: {student}")
+            axis.set_xlabel("training examples seen")
+            axis.set_ylabel("validation NDCG@10")
+            axis.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        figure.tight_layout()
+        path = RESULTS / f"curves_{scale_name}_{name}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+# ---- the benchmark -------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--scale", default="cpu", help="cpu | gpu | a scale YAML file (default cpu)"
+    )
+    parser.add_argument(
+        "--data-root",
+        default=str(ROOT.parent / "shared" / "data"),
+        help="folder holding ml-1m/ and beauty/ (default ../shared/data)",
+    )
+    parser.add_argument(
+        "--work", help="where runs are kept (default runs/bench_SCALE); reused to resume"
+    )
+    parser.add_argument("--datasets", nargs="*", help="subset of the scale's datasets")
+    parser.add_argument("--students", nargs="*", help="subset of sasrec gru4rec caser llama")
+    parser.add_argument("--variants", nargs="*", help="subset of plain dllm2rec slmrec both")
+    parser.add_argument("--seeds", nargs="*", type=int, help="seeds (default the scale's)")
+    parser.add_argument(
+        "--results",
+        default=str(RESULTS),
+        help="where quality_SCALE.{json,md} and the plots go (default bench/results)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    global RESULTS
+    args = parse_args(argv)
+    scale = load_scale(args.scale)
+    RESULTS = Path(args.results)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work or ROOT / "runs" / f"bench_{scale['name']}").resolve()
+    data_root = Path(args.data_root)
+    seeds = args.seeds if args.seeds is not None else scale["seeds"]
+    students = args.students or list(scale["students"])
+    variants = args.variants or scale["variants"]
+    datasets = {
+        name: spec
+        for name, spec in scale["datasets"].items()
+        if (not args.datasets or name in args.datasets)
+    }
+    missing = [name for name, spec in datasets.items() if not (data_root / spec["path"]).is_file()]
+    for name in missing:
+        print(f"bench: skipping {name}: {data_root / datasets[name]['path']} is not there")
+        del datasets[name]
+    if not datasets:
+        print("bench: no dataset to run")
+        return 0
+
+    started = time.perf_counter()
+    jobs = [
+        (name, kind, detail)
+        for name in datasets
+        for kind, detail in [("prepare", None)]
+        + [("teacher", seed) for seed in seeds]
+        + [("precompute", None)]
+        + [("student", (s, v, seed)) for s in students for v in variants for seed in seeds]
+    ]
+    paths: dict = {name: {} for name in datasets}
+    with tqdm(jobs, desc="bench", unit="job") as progress:
+        for name, kind, detail in progress:
+            spec = datasets[name]
+            progress.set_postfix_str(f"{name} {kind} {detail if detail is not None else ''}")
+            if kind == "prepare":
+                paths[name]["data"] = prepare(name, spec, data_root, work)
+            elif kind == "teacher":
+                run = train_teacher(scale, name, spec, paths[name]["data"], detail, work)
+                paths[name].setdefault("teacher", run)  # seed order: the first seed is distilled
+            elif kind == "precompute":
+                paths[name]["shards"] = precompute_shards(
+                    scale, name, spec, paths[name]["data"], paths[name]["teacher"], work
+                )
+            else:
+                train_student(scale, name, spec, paths[name], *detail, work)
+
+    command = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = {
+        "scale": scale["name"],
+        "command": command.strip(),
+        "device": scale["device"],
+        "seeds": seeds,
+        "minutes": (time.perf_counter() - started) / 60,
+        "datasets": {
+            name: collect(scale, name, work, students, variants, seeds) for name in datasets
+        },
+    }
+    stem = RESULTS / f"quality_{scale['name']}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    plots = plot_curves(report, scale["name"])
+    print(markdown(report))
+    print(f"bench: wrote {stem}.json, {stem}.md, " + ", ".join(str(p) for p in plots))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Speed and storage, measured in one run on the runs bench/quality.py left in its work folder.
+
+    python bench/speed.py --scale cpu                      # every dataset of runs/bench_cpu
+    python bench/speed.py --scale gpu --device cuda        # on the GPU machine, after --scale gpu
+
+Per dataset:
+1. Inference: the seed-0 teacher and every plain seed-0 student score the whole catalogue for the
+   test users, same batches, same device: users/s, median latency per batch, and each student's
+   speed-up over the teacher (trainer/evaluate.py's inference_speed).
+2. Distillation data path: one student (--student, with DLLM2Rec + SLMRec losses, i.e. every
+   teacher field in use) trains for --steps optimizer steps (a) streaming the shards through
+   TeacherShardStream and the DataLoader exactly as trainer/distill.py does and (b) from the
+   same batches already collated in memory. samples/s of each; (a)/(b) is the data path's cost.
+3. Storage: shard bytes per training example against storing the full float32 logits for every
+   position (positions x items x 4 bytes).
+Writes bench/results/speed_SCALE.json and speed_SCALE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from recdistill.models.distillation import DistillationObjective
+from recdistill.trainer import distill
+from recdistill.trainer.config import load_config
+from recdistill.trainer.data.pipeline import load_sequences
+from recdistill.trainer.data.shard_stream import TeacherShardStream, make_loader
+from recdistill.trainer.data.shards import ITEM_TABLE_FILE, load_manifest
+from recdistill.trainer.evaluate import eval_examples, inference_speed, student_fns, teacher_fns
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def history_length(work: Path) -> int:
+    """The max_len the benchmark's students were trained and evaluated with."""
+    config = next((work / "students").glob("*/run_config.yaml"))
+    return load_config(config)["data"]["max_len"]
+
+
+def inference(work: Path, device: torch.device, batch_size: int) -> dict:
+    splits, _ = load_sequences(work / "data")
+    examples = eval_examples(splits, "test", history_length(work))
+    models = {"teacher": teacher_fns(work / "teacher_s0/final", device)[1]}
+    for run in sorted((work / "students").glob("*_plain_s0")):
+        models[run.name.removesuffix("_plain_s0")] = student_fns(run / "final", device)[1]
+    speeds = {
+        name: inference_speed(score_fn, examples, batch_size, device)
+        for name, score_fn in models.items()
+    }
+    teacher_rate = speeds["teacher"]["users_per_s"]
+    for entry in speeds.values():
+        entry["speedup_vs_teacher"] = entry["users_per_s"] / teacher_rate
+    return speeds
+
+
+def train_steps(objective, optimizer, batches, device) -> int:
+    samples = 0
+    for batch in batches:
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        terms = objective(batch)
+        terms["total"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        samples += len(batch["lengths"])
+    return samples
+
+
+def data_path(work: Path, student: str, steps: int, workers: int, device: torch.device) -> dict:
+    """samples/s of the same training steps, batches streamed from shards vs held in memory."""
+    cfg = load_config(work / f"configs/{student}_both_s0.yaml", [], distill.DEFAULTS)
+    shard_dir = work / "shards"
+    manifest = load_manifest(shard_dir)
+    _, stats = load_sequences(work / "data")
+    batch_size = cfg["train"]["batch_size"]
+
+    def build():
+        torch.manual_seed(0)
+        model = distill.build_student(cfg["student"], stats["items"], cfg["data"]["max_len"])
+        table = load_file(str(shard_dir / ITEM_TABLE_FILE))["weight"]
+        objective = DistillationObjective(
+            model, cfg["loss"], manifest, table, distill.block_dims(model)
+        ).to(device)
+        return objective, torch.optim.AdamW(objective.parameters(), lr=cfg["train"]["lr"])
+
+    def stream_batches():
+        stream = TeacherShardStream(shard_dir, manifest, 0, 1, batch_size, workers, seed=0)
+        per_epoch = stream.steps_per_epoch()
+        made, epoch = 0, 0
+        while made < steps + 1:
+            stream.set_position(epoch)
+            for batch in make_loader(stream, pin_memory=device.type == "cuda"):
+                if "skipped_shards" in batch:
+                    continue
+                yield batch
+                made += 1
+                if made == steps + 1:
+                    return
+            epoch += 1
+            if per_epoch == 0:
+                raise SystemExit(f"{shard_dir}: fewer samples than one batch of {batch_size}")
+
+    def timed(batches) -> float:
+        objective, optimizer = build()
+        iterator = iter(batches)
+        train_steps(objective, optimizer, [next(iterator)], device)  # warm-up step
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        samples = train_steps(objective, optimizer, iterator, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return samples / (time.perf_counter() - started)
+
+    in_memory = list(stream_batches())  # the same batches, decoded and collated beforehand
+    from_shards = timed(stream_batches())
+    from_memory = timed(in_memory)
+    return {
+        "student": student,
+        "losses": "next_item + DLLM2Rec ranking + collaborative embedding + SLMRec alignment",
+        "steps": steps,
+        "batch_size": batch_size,
+        "loader_workers": workers,
+        "samples_per_s_from_shards": from_shards,
+        "samples_per_s_in_memory": from_memory,
+        "shards_vs_in_memory": from_shards / from_memory,
+    }
+
+
+def storage(work: Path) -> dict:
+    manifest = load_manifest(work / "shards")
+    full_logits = manifest["positions"] * manifest["num_items"] * 4
+    return {
+        "examples": manifest["examples"],
+        "positions": manifest["positions"],
+        "items": manifest["num_items"],
+        "topk": manifest["topk"],
+        "shard_bytes": manifest["bytes"],
+        "bytes_per_example": manifest["bytes"] / manifest["examples"],
+        "full_float32_logits_bytes_per_example": full_logits / manifest["examples"],
+        "shards_vs_full_logits": manifest["bytes"] / full_logits,
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Speed and storage, scale `{report['scale']}`",
+        "",
+        f"`{report['command']}` on {report['device_name']}.",
+        "",
+    ]
+    for name, result in report["datasets"].items():
+        lines += [
+            f"## {name}",
+            "",
+            f"| model | users/s | ms per batch of {report['batch_size']} | speed-up vs teacher |",
+            "|---|---|---|---|",
+        ]
+        for model, entry in result["inference"].items():
+            lines.append(
+                f"| {model} | {entry['users_per_s']:,.0f} | {entry['latency_ms_per_batch']:.1f} | "
+                f"{entry['speedup_vs_teacher']:.1f}x |"
+            )
+        path, store = result["data_path"], result["storage"]
+        lines += [
+            "",
+            f"Distillation ({path['student']}, all losses, batch {path['batch_size']}, "
+            f"{path['steps']} steps, {path['loader_workers']} loader worker(s)): "
+            f"{path['samples_per_s_from_shards']:,.0f} samples/s from shards, "
+            f"{path['samples_per_s_in_memory']:,.0f} from in-memory tensors "
+            f"(ratio {path['shards_vs_in_memory']:.2f}).",
+            "",
+            f"Storage: {store['bytes_per_example'] / 1e3:,.1f} kB per example (top-{store['topk']}, "
+            f"hidden states) vs {store['full_float32_logits_bytes_per_example'] / 1e3:,.1f} kB of "
+            f"full float32 logits: {100 * store['shards_vs_full_logits']:.1f}%.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scale", default="cpu", help="the bench/quality.py scale (default cpu)")
+    parser.add_argument("--work", help="bench/quality.py's work folder (default runs/bench_SCALE)")
+    parser.add_argument("--datasets", nargs="*", help="subset of the datasets in --work")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--batch-size", type=int, default=256, help="inference users per batch")
+    parser.add_argument("--student", default="sasrec", help="student of the data-path run")
+    parser.add_argument("--steps", type=int, default=60, help="training steps per data path")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers when streaming")
+    parser.add_argument(
+        "--results",
+        default=str(ROOT / "bench/results"),
+        help="output folder (default bench/results)",
+    )
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    work = Path(args.work or ROOT / "runs" / f"bench_{args.scale}")
+    names = (
+        args.datasets
+        or sorted(p.name for p in work.iterdir() if (p / "shards/manifest.json").is_file())
+        if work.is_dir()
+        else []
+    )
+    if not names:
+        print(
+            f"speed: nothing to measure in {work}: run bench/quality.py --scale {args.scale} first"
+        )
+        return 1
+    report = {
+        "scale": args.scale,
+        "command": "python bench/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads",
+        "batch_size": args.batch_size,
+        "datasets": {},
+    }
+    for name in names:
+        print(f"speed: {name}", flush=True)
+        report["datasets"][name] = {
+            "inference": inference(work / name, device, args.batch_size),
+            "data_path": data_path(work / name, args.student, args.steps, args.workers, device),
+            "storage": storage(work / name),
+        }
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"speed_{args.scale}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (results / f"speed_{args.scale}.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The benchmark scripts: user sampling, summaries, and a tiny end-to-end run of
+bench/quality.py and bench/speed.py (real jobs: deepspeed teacher and precompute on 2 CPU ranks,
+Accelerate students) that also checks an interrupted benchmark reruns only what is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from .conftest import ROOT
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = _load("quality")
+speed = _load("speed")
+headline = _load("headline")
+
+
+def test_sample_users_keeps_whole_users(tmp_path):
+    source = tmp_path / "log.txt"
+    source.write_text("".join(f"{u} {i}\n" for u in range(1, 6) for i in range(u, u + 3)))
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    quality.sample_users(source, 3, 0, first)
+    quality.sample_users(source, 3, 0, second)
+    kept = first.read_text().splitlines()
+    users = {line.split()[0] for line in kept}
+    assert len(users) == 3 and len(kept) == 9  # every line of a chosen user, nothing else
+    assert first.read_text() == second.read_text()  # seeded
+    with pytest.raises(SystemExit, match="sample_users 5 >= the 5 users"):
+        quality.sample_users(source, 5, 0, first)
+
+
+def test_summary_and_table():
+    summary = quality.summarize([0.1, 0.2, 0.3])
+    assert summary["mean"] == pytest.approx(0.2) and summary["std"] == pytest.approx(0.1)
+    row = {m: quality.summarize([value]) for m, value in zip(quality.METRICS, (0.2, 0.1, 0.05))}
+    better = {m: quality.summarize([value]) for m, value in zip(quality.METRICS, (0.3, 0.12, 0.06))}
+    report = {
+        "scale": "t",
+        "command": "python bench/quality.py",
+        "device": "cpu",
+        "minutes": 1.0,
+        "seeds": [0],
+        "datasets": {
+            "d": {
+                "data": {"users": 10, "items": 5, "interactions": 50},
+                "rows": {"sasrec/plain": row, "sasrec/both": better},
+            }
+        },
+    }
+    table = quality.markdown(report)
+    assert "| sasrec/both | 0.3000 ± 0.0000 | 0.1200 ± 0.0000 | 0.0600 ± 0.0000 | +20.0% |" in table
+
+
+def _markov_log(path, users: int, items: int, seed: int = 0) -> None:
+    """A `lines` file whose users walk a sparse item graph: learnable next-item structure."""
+    rng = np.random.default_rng(seed)
+    successors = rng.integers(1, items + 1, size=(items + 1, 3))
+    lines = []
+    for user in range(1, users + 1):
+        item = int(rng.integers(1, items + 1))
+        sequence = [item]
+        for _ in range(int(rng.integers(8, 20))):
+            item = int(successors[item, rng.integers(0, 3)])
+            sequence.append(item)
+        lines.append(" ".join(map(str, [user, *sequence])))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_quality_and_speed_end_to_end(tmp_path):
+    data_root = tmp_path / "data"
+    (data_root / "toy").mkdir(parents=True)
+    _markov_log(data_root / "toy/log.txt", users=400, items=60)
+    scale = yaml.safe_load((ROOT / "bench/configs/cpu.yaml").read_text())
+    scale["seeds"] = [0]
+    scale["datasets"] = {"toy": {"path": "toy/log.txt", "format": "lines", "max_len": 10}}
+    scale["teacher"]["overrides"] += ["train.epochs=2", "train.eval_every=6"]
+    scale["precompute"]["overrides"] = ["topk=10", "hidden_layers=[2,4]", "shard_size=50"]
+    scale["distill"]["overrides"] += ["train.epochs=2", "train.eval_every=3"]
+    scale_file = tmp_path / "toy.yaml"
+    scale_file.write_text(yaml.safe_dump(scale))
+    work, results = tmp_path / "work", tmp_path / "results"
+    args = [
+        "--scale", str(scale_file), "--data-root", str(data_root), "--work", str(work),
+        "--students", "sasrec", "gru4rec", "--variants", "plain", "both",
+        "--results", str(results),
+    ]  # fmt: skip
+    assert quality.main(args) == 0
+    report = json.loads((results / "quality_toy.json").read_text())
+    rows = report["datasets"]["toy"]["rows"]
+    assert set(rows) == {"popularity", "teacher", "sasrec/plain", "sasrec/both"} | {
+        "gru4rec/plain",
+        "gru4rec/both",
+    }
+    for values in rows.values():
+        assert all(0.0 <= values[m]["mean"] <= 1.0 for m in quality.METRICS)
+    # the models learned the item graph: far above popularity
+    assert rows["sasrec/plain"]["ndcg@10"]["mean"] > 2 * rows["popularity"]["ndcg@10"]["mean"]
+    assert report["datasets"]["toy"]["curves"]["teacher"]  # validation points were logged
+    assert (results / "curves_toy_toy.png").stat().st_size > 10_000
+    assert "| sasrec/both |" in (results / "quality_toy.md").read_text()
+
+    # An interrupted benchmark: one student's release is gone; a rerun trains only that one
+    # and reports the same numbers for everything else.
+    finished = work / "toy/students/gru4rec_both_s0"
+    metrics_before = json.loads((finished / "final/metrics.json").read_text())
+    import shutil
+
+    shutil.rmtree(finished / "final")
+    quality.JOB_SECONDS.clear()
+    assert quality.main(args) == 0
+    assert list(quality.JOB_SECONDS) == ["gru4rec_both_s0"]
+    rerun = json.loads((results / "quality_toy.json").read_text())["datasets"]["toy"]["rows"]
+    assert rerun["sasrec/plain"] == rows["sasrec/plain"]
+    assert (
+        json.loads((finished / "final/metrics.json").read_text())["steps"]
+        == metrics_before["steps"]
+    )
+
+    assert (
+        speed.main(
+            ["--work", str(work), "--scale", "toy", "--steps", "5", "--results", str(results)]
+        )
+        == 0
+    )
+    measured = json.loads((results / "speed_toy.json").read_text())["datasets"]["toy"]
+    assert set(measured["inference"]) == {"teacher", "sasrec", "gru4rec"}
+    assert measured["inference"]["teacher"]["speedup_vs_teacher"] == 1.0
+    assert measured["data_path"]["samples_per_s_from_shards"] > 0
+    storage = measured["storage"]
+    assert storage["full_float32_logits_bytes_per_example"] == pytest.approx(
+        storage["positions"] * storage["items"] * 4 / storage["examples"]
+    )
+
+    table = headline.headline(
+        json.loads((results / "quality_toy.json").read_text()),
+        json.loads((results / "speed_toy.json").read_text()),
+    )
+    sasrec_speedup = measured["inference"]["sasrec"]["speedup_vs_teacher"]
+    plain, both = rows["sasrec/plain"]["ndcg@10"], rows["sasrec/both"]["ndcg@10"]
+    assert (
+        f"| sasrec | {sasrec_speedup:.1f}x | {headline.cell(plain)} | {headline.cell(both)} |"
+        in table
+    )
+
+
+@pytest.mark.parametrize("scale_name", ["cpu", "gpu", "reference"])
+def test_scale_files_make_valid_job_configs(scale_name, tmp_path):
+    """Every job config a scale file produces loads under the job's strict defaults (unknown
+    keys are errors), and the student options build each student: the GPU scale, which cannot
+    run here, is at least well-formed."""
+    from recdistill.launcher.demo import DISTILL_VARIANTS
+    from recdistill.trainer import distill, precompute, teacher
+    from recdistill.trainer.config import load_config
+
+    scale = quality.load_scale(scale_name)
+    for name, spec in scale["datasets"].items():
+        quality.write_job_config(
+            scale["teacher"]["config"],
+            [*scale["teacher"]["overrides"], *spec.get("teacher_overrides", [])],
+            teacher.DEFAULTS,
+            {"train.seed": 1},
+            tmp_path / f"{name}_teacher.yaml",
+        )
+        quality.write_job_config(
+            scale["precompute"]["config"],
+            scale["precompute"]["overrides"],
+            precompute.DEFAULTS,
+            {},
+            tmp_path / f"{name}_precompute.yaml",
+        )
+        for student, section in scale["students"].items():
+            model = distill.build_student(
+                {
+                    **distill.DEFAULTS["student"],
+                    "architecture": section["architecture"],
+                    "options": section["options"],
+                },
+                num_items=20,
+                max_len=spec["max_len"],
+            )
+            for variant in scale["variants"]:
+                quality.write_job_config(
+                    scale["distill"]["config"],
+                    [
+                        *scale["distill"]["overrides"],
+                        *spec.get("distill_overrides", []),
+                        *DISTILL_VARIANTS[f"student_{variant}"],
+                        *section.get("overrides", []),
+                    ],
+                    distill.DEFAULTS,
+                    {"student.options": section["options"]},
+                    tmp_path / f"{name}_{student}_{variant}.yaml",
+                )
+                loss = load_config(tmp_path / f"{name}_{student}_{variant}.yaml")["loss"]
+                if loss["alignment"]["enabled"] and loss["alignment"]["multi_supervision_weight"]:
+                    assert len(distill.block_dims(model)) > 1, (student, variant)
