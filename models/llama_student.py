@@ -61,12 +61,8 @@ class LlamaStudent(nn.Module):
     def forward(
         self, item_ids: torch.Tensor, lengths: torch.Tensor, item_table: torch.Tensor | None = None
     ) -> StudentOutput:
-        if item_table is not None:
-            raise ValueError(
-                "the LLaMA student takes no external item table (collaborative embedding distillation)"
-            )
         layers = tuple(range(1, self.config.backbone["num_hidden_layers"] + 1))
-        out = self.model(item_ids, lengths, hidden_layers=layers)
+        out = self.model(item_ids, lengths, hidden_layers=layers, item_table=item_table)
         return StudentOutput(
             user_reps=out.user_reps, block_states=[out.hidden_states[i] for i in layers]
         )

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModel
 from transformers.utils import ModelOutput
 
 from recdistill.models.scoring import CatalogueStats, catalogue_cross_entropy, catalogue_stats
+from recdistill.models.student_io import embed
 
 CONFIG_FILE = "teacher_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -154,9 +155,13 @@ class LLMRecTeacher(nn.Module):
         ids = torch.tensor(token_ids, dtype=torch.long, device=device)
         return self.backbone.get_input_embeddings()(ids).unsqueeze(0).expand(batch, -1, -1)
 
-    def _inputs(self, item_ids: torch.Tensor, lengths: torch.Tensor):
+    def _inputs(
+        self, item_ids: torch.Tensor, lengths: torch.Tensor, item_table: torch.Tensor | None = None
+    ):
         """inputs_embeds [B, T, H], attention mask [B, T], index of each item position [L]."""
-        item_embeds = self.item_in_proj(self.item_embeddings(item_ids))  # [B, L, H]
+        item_embeds = self.item_in_proj(
+            embed(item_ids, self.item_embeddings, item_table)
+        )  # [B, L, H]
         batch, max_len = item_ids.shape
         positions = torch.arange(max_len, device=item_ids.device)
         mask = (positions[None, :] < lengths[:, None]).long()
@@ -213,8 +218,9 @@ class LLMRecTeacher(nn.Module):
         exclude: torch.Tensor
         | None = None,  # [B, X] ids left out of top-K and ranks (e.g. history)
         rank_targets: bool = True,  # with score: also the targets' ranks
+        item_table: torch.Tensor | None = None,  # input embeddings from this table (LLaMA student)
     ) -> TeacherOutput:
-        embeds, mask, item_positions = self._inputs(item_ids, lengths)
+        embeds, mask, item_positions = self._inputs(item_ids, lengths, item_table)
         out = self.backbone(
             inputs_embeds=embeds, attention_mask=mask, output_hidden_states=bool(hidden_layers)
         )

@@ -75,3 +75,15 @@ def test_llama_student_from_teacher_layers(tmp_path):
     full = LlamaStudent.from_teacher(tmp_path, [0, 1, 2, 3]).eval()
     ids, lengths = pad_right([[3, 4, 5]])
     torch.testing.assert_close(full(ids, lengths).user_reps, teacher(ids, lengths).user_reps)
+
+
+@pytest.mark.parametrize("architecture", list(STUDENTS))
+def test_inputs_from_an_external_item_table(architecture):
+    """DLLM2Rec's collaborative embedding hands every student a changed item table: the inputs
+    must come from it (the model's own table gives the same output when passed explicitly)."""
+    model = make(architecture)
+    ids, lengths = pad_right([[3, 4, 5, 6], [7, 8]])
+    own = model.item_table().detach().clone()
+    torch.testing.assert_close(model(ids, lengths, own).user_reps, model(ids, lengths).user_reps)
+    shifted = model(ids, lengths, own + 0.5 * torch.randn_like(own)).user_reps
+    assert not torch.allclose(shifted, model(ids, lengths).user_reps, atol=1e-4)
