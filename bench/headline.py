@@ -30,7 +30,13 @@ def headline(quality: dict, speed: dict) -> str:
         variants = [v for v in VARIANT_TITLES if any(r.endswith(f"/{v}") for r in rows)]
         data = result["data"]
         lines += [
-            f"**{name}** ({data['users']:,} users, {data['items']:,} items; NDCG@10, "
+            f"**{name}** ({data['users']:,} users, {data['items']:,} items"
+            + (
+                f" from a {data['sampled_users']:,}-user sample"
+                if data.get("sampled_users")
+                else ""
+            )
+            + "; NDCG@10, "
             f"test, full ranking, mean ± std over seeds {quality['seeds']})",
             "",
             "| model | speed-up vs teacher | "

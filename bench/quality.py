@@ -306,7 +306,11 @@ def collect(
         1,
     )
     return {
-        "data": {k: stats[k] for k in ("users", "items", "interactions")},
+        "data": {
+            **{k: stats[k] for k in ("users", "items", "interactions")},
+            "sampled_users": scale["datasets"][name].get("sample_users"),
+            "max_len": scale["datasets"][name]["max_len"],
+        },
         "job_minutes": stage_minutes,
         "rows": rows,
         "curves": curves,
@@ -326,7 +330,13 @@ def markdown(report: dict) -> str:
         data = result["data"]
         lines += [
             f"## {name}: {data['users']:,} users, {data['items']:,} items, "
-            f"{data['interactions']:,} interactions",
+            f"{data['interactions']:,} interactions"
+            + (
+                f" (a seeded sample of {data['sampled_users']:,} users, then 5-core)"
+                if data.get("sampled_users")
+                else ""
+            )
+            + (f", histories of up to {data['max_len']} items" if data.get("max_len") else ""),
             "",
             *(
                 [
