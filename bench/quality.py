@@ -365,7 +365,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(report: dict, scale_name: str) -> list[Path]:
+def plot_curves(report: dict, scale_name: str, results: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -389,7 +389,7 @@ def plot_curves(report: dict, scale_name: str) -> list[Path]:
             axis.grid(alpha=0.3)
         axes[0][0].legend(fontsize=8)
         figure.tight_layout()
-        path = RESULTS / f"curves_{scale_name}_{name}.png"
+        path = results / f"curves_{scale_name}_{name}.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
         written.append(path)
@@ -427,11 +427,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    global RESULTS
     args = parse_args(argv)
     scale = load_scale(args.scale)
-    RESULTS = Path(args.results)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or ROOT / "runs" / f"bench_{scale['name']}").resolve()
     data_root = Path(args.data_root)
     seeds = args.seeds if args.seeds is not None else scale["seeds"]
@@ -487,10 +486,10 @@ def main(argv=None) -> int:
             name: collect(scale, name, work, students, variants, seeds) for name in datasets
         },
     }
-    stem = RESULTS / f"quality_{scale['name']}"
+    stem = results / f"quality_{scale['name']}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
-    plots = plot_curves(report, scale["name"])
+    plots = plot_curves(report, scale["name"], results)
     print(markdown(report))
     print(f"bench: wrote {stem}.json, {stem}.md, " + ", ".join(str(p) for p in plots))
     return 0
