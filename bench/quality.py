@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -34,7 +33,9 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from recdistill.launcher.demo import DISTILL_VARIANTS, accelerate_command, deepspeed_command
+from recdistill.launcher.demo import DISTILL_VARIANTS
+from recdistill.launcher.local import accelerate_command, deepspeed_command
+from recdistill.launcher.local import run_job as run_process
 from recdistill.trainer import distill, precompute, teacher
 from recdistill.trainer.config import load_config, save_config
 
@@ -77,19 +78,22 @@ def write_job_config(
 # ---- running jobs --------------------------------------------------------------------------
 
 
-def run_job(command: list[str], log_path: Path, env: dict) -> float:
-    """Run one job with its output in log_path; a failure names the log and shows its end."""
+def run_job(command: list[str], log_path: Path, env: dict, timeout: float | None = None) -> float:
+    """Run one job with its output in log_path; a failure or a job still running after
+    `timeout` seconds (all its ranks are then ended) names the log and shows its end."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(log_path, "w") as log:
         log.write(" ".join(command) + "\n")
         log.flush()
-        result = subprocess.run(
-            command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
-        )
-    if result.returncode != 0:
+        try:
+            code = run_process(command, env, timeout=timeout, output=log).returncode
+        except subprocess.TimeoutExpired:
+            code = f"still running after job_timeout_s={timeout:g} s; ended"
+    if code != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"{tail}\nbench: job failed (exit {result.returncode}); log: {log_path}")
+        exit_text = f"exit {code}" if isinstance(code, int) else code
+        raise SystemExit(f"{tail}\nbench: job failed ({exit_text}); log: {log_path}")
     seconds = time.perf_counter() - started
     JOB_SECONDS[log_path.stem] = round(seconds, 1)
     # Kept beside the logs across invocations, so a resumed benchmark still reports its total.
@@ -174,7 +178,7 @@ def train_teacher(
     )
     resume = ["--resume"] if (run_dir / "checkpoints/latest").is_file() else []
     command, env = deepspeed_job(scale, "trainer/teacher.py", config, resume)
-    run_job(command, work / name / f"logs/teacher_s{seed}.log", env)
+    run_job(command, work / name / f"logs/teacher_s{seed}.log", env, scale.get("job_timeout_s"))
     return run_dir
 
 
@@ -197,7 +201,7 @@ def precompute_shards(
         work / name / "configs/precompute.yaml",
     )
     command, env = deepspeed_job(scale, "trainer/precompute.py", config)  # resumes by itself
-    run_job(command, work / name / "logs/precompute.log", env)
+    run_job(command, work / name / "logs/precompute.log", env, scale.get("job_timeout_s"))
     return shard_dir
 
 
@@ -238,7 +242,7 @@ def train_student(
         work / name / f"configs/{run_name}.yaml",
     )
     command, env = distill_job(scale, config, resume=(run_dir / "checkpoints").is_dir())
-    run_job(command, work / name / f"logs/{run_name}.log", env)
+    run_job(command, work / name / f"logs/{run_name}.log", env, scale.get("job_timeout_s"))
     return run_dir
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from recdistill.launcher.local import accelerate_command, deepspeed_command, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -41,7 +41,7 @@ DEMO_DATA_ARGS = [
 def run_stage(name: str, command: list[str], env: dict | None = None) -> float:
     print(f"\n=== {name}: {' '.join(command)}", flush=True)
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, **(env or {})})
+    result = run_job(command, env)
     if result.returncode != 0:
         raise SystemExit(f"demo: stage {name!r} failed with exit code {result.returncode}")
     return round(time.perf_counter() - started, 1)
@@ -63,40 +63,6 @@ def data_stage(out: Path, report: dict) -> None:
         "median_sequence_length": stats["sequence_length"]["p50"],
         "seconds": seconds if seconds is not None else stats["seconds"],
     }
-
-
-def deepspeed_command(
-    script: str, num_ranks: int, args: list[str], port: int | None = None
-) -> list[str]:
-    """`deepspeed` with `num_ranks` local ranks (CPU ranks under DS_ACCELERATOR=cpu)."""
-    launcher = str(Path(sys.executable).parent / "deepspeed")
-    port_args = ["--master_port", str(port)] if port else []
-    return [launcher, "--num_gpus", str(num_ranks), *port_args, script, *args]
-
-
-def accelerate_command(
-    script: str, num_processes: int, args: list[str], port: int | None = None
-) -> list[str]:
-    """`accelerate launch` on one machine (CPU processes under ACCELERATE_USE_CPU=true)."""
-    launcher = str(Path(sys.executable).parent / "accelerate")
-    processes = ["--multi_gpu"] if num_processes > 1 else []
-    port_args = ["--main_process_port", str(port)] if port else []
-    return [
-        launcher,
-        "launch",
-        *processes,
-        "--num_processes",
-        str(num_processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        *port_args,
-        script,
-        *args,
-    ]
 
 
 CPU_ENV = {"DS_ACCELERATOR": "cpu"}

@@ -6,13 +6,28 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from recdistill.launcher.demo import DEMO_DATA_ARGS, accelerate_command, deepspeed_command
+from recdistill.launcher.demo import DEMO_DATA_ARGS
+from recdistill.launcher.local import accelerate_command, deepspeed_command, run_job
+from recdistill.trainer.deepspeed_host import DEEPSPEED_SHM_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ["PYTHONUNBUFFERED"] = "1"  # a failed job's output arrives whole in the test report
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_deepspeed_shm_buffers():
+    """Jobs remove their DeepSpeed CPU all-reduce buffers when they finish; the tests that kill a
+    job on purpose leave theirs (66 MB a rank in /dev/shm, which is memory). Remove those."""
+    started = time.time()
+    yield
+    for path in Path("/dev/shm").glob(f"{DEEPSPEED_SHM_PREFIX}_{os.getuid()}_*"):
+        if path.stat().st_mtime >= started:
+            path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
@@ -37,19 +52,8 @@ def launch(
     script: str, args: list[str], num_ranks: int, timeout: int = 900
 ) -> subprocess.CompletedProcess:
     """Run a job under the real `deepspeed` launcher on CPU ranks, as a user would."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    command = deepspeed_command(str(ROOT / script), num_ranks, args, port=_free_port())
-    return subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    command = deepspeed_command(str(ROOT / script), num_ranks, args)
+    return run_job(command, {"DS_ACCELERATOR": "cpu"}, timeout=timeout, capture=True)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -98,11 +102,8 @@ def accelerate_launch(
     script: str, args: list[str], num_processes: int = 2, timeout: int = 900
 ) -> subprocess.CompletedProcess:
     """Run a job under the real `accelerate launch` with CPU processes, as a user would."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1"}
-    command = accelerate_command(str(ROOT / script), num_processes, args, port=_free_port())
-    return subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    command = accelerate_command(str(ROOT / script), num_processes, args)
+    return run_job(command, {"ACCELERATE_USE_CPU": "true"}, timeout=timeout, capture=True)
 
 
 @pytest.fixture(scope="session")

@@ -85,6 +85,7 @@ def test_quality_and_speed_end_to_end(tmp_path):
     _markov_log(data_root / "toy/log.txt", users=400, items=60)
     scale = yaml.safe_load((ROOT / "bench/configs/cpu.yaml").read_text())
     scale["seeds"] = [0]
+    scale["job_timeout_s"] = 600  # a hung job fails the test by name instead of hanging CI
     scale["datasets"] = {"toy": {"path": "toy/log.txt", "format": "lines", "max_len": 10}}
     scale["teacher"]["overrides"] += ["train.epochs=2", "train.eval_every=6"]
     scale["precompute"]["overrides"] = ["topk=10", "hidden_layers=[2,4]", "shard_size=50"]
@@ -207,3 +208,13 @@ def test_scale_files_make_valid_job_configs(scale_name, tmp_path):
                 loss = load_config(tmp_path / f"{name}_{student}_{variant}.yaml")["loss"]
                 if loss["alignment"]["enabled"] and loss["alignment"]["multi_supervision_weight"]:
                     assert len(distill.block_dims(model)) > 1, (student, variant)
+
+
+def test_job_past_its_timeout_is_ended_and_named(tmp_path):
+    log = tmp_path / "logs/teacher_s0.log"
+    command = [sys.executable, "-c", "import time; print('step 1', flush=True); time.sleep(120)"]
+    with pytest.raises(SystemExit) as failure:
+        quality.run_job(command, log, {}, timeout=3)
+    message = str(failure.value)
+    assert "job_timeout_s=3 s" in message and str(log) in message and "step 1" in message
+    assert "teacher_s0" not in quality.JOB_SECONDS

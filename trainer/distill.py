@@ -42,7 +42,7 @@ from recdistill.trainer.data.shards import ITEM_TABLE_FILE, ShardError, load_man
 from recdistill.trainer.evaluate import all_reduce_sums, eval_examples, ranking_sums
 from recdistill.trainer.metrics import finalize
 from recdistill.trainer.requeue import stop_requested
-from recdistill.trainer.shutdown import exit_after_cleanup
+from recdistill.trainer.shutdown import run_and_exit
 
 DEFAULTS: dict = {
     "data": {
@@ -539,4 +539,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_after_cleanup(main())
+    run_and_exit(main)

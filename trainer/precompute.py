@@ -51,8 +51,9 @@ from recdistill.trainer.data.shards import (
     verify_group,
     write_json_atomic,
 )
+from recdistill.trainer.deepspeed_host import init_distributed
 from recdistill.trainer.requeue import STOP_FILE
-from recdistill.trainer.shutdown import exit_after_cleanup
+from recdistill.trainer.shutdown import run_and_exit
 from recdistill.trainer.teacher import local_world_size
 
 DEFAULTS: dict = {
@@ -259,7 +260,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides, DEFAULTS)
     teacher_dir, out_dir = Path(cfg["teacher"]), Path(cfg["output_dir"])
 
-    deepspeed.init_distributed()
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(
         deepspeed.get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", 0))
@@ -419,4 +420,4 @@ def write_manifest(
 
 
 if __name__ == "__main__":
-    exit_after_cleanup(main())
+    run_and_exit(main)

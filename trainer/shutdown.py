@@ -15,6 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
+from collections.abc import Callable
+
+from recdistill.trainer.deepspeed_host import remove_deepspeed_shm_buffer
 
 
 def exit_after_cleanup(code: int) -> None:
@@ -26,3 +30,18 @@ def exit_after_cleanup(code: int) -> None:
         except (OSError, ValueError):  # a closed or broken pipe must not change the exit code
             pass
     os._exit(code)
+
+
+def run_and_exit(main: Callable[[], int]) -> None:
+    """A job's `__main__`: run `main`, report an error as Python would, clean up, then exit."""
+    try:
+        code = main()
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    remove_deepspeed_shm_buffer()
+    exit_after_cleanup(code)

@@ -42,6 +42,7 @@ from recdistill.trainer.data.batches import (
     sequence_batch,
 )
 from recdistill.trainer.data.pipeline import ITEM_MAP_FILE, load_sequences
+from recdistill.trainer.deepspeed_host import init_distributed
 from recdistill.trainer.evaluate import (
     all_reduce_sums,
     eval_examples,
@@ -50,7 +51,7 @@ from recdistill.trainer.evaluate import (
 )
 from recdistill.trainer.metrics import finalize
 from recdistill.trainer.requeue import stop_requested
-from recdistill.trainer.shutdown import exit_after_cleanup
+from recdistill.trainer.shutdown import run_and_exit
 
 DEFAULTS: dict = {
     "data": {
@@ -275,7 +276,7 @@ def main(argv=None) -> int:
     output_dir = Path(train_cfg["output_dir"])
     checkpoints = output_dir / "checkpoints"
 
-    deepspeed.init_distributed()
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(
         deepspeed.get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", 0))
@@ -462,4 +463,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_after_cleanup(main())
+    run_and_exit(main)
