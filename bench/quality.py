@@ -88,12 +88,12 @@ def run_job(command: list[str], log_path: Path, env: dict, timeout: float | None
         log.flush()
         try:
             code = run_process(command, env, timeout=timeout, output=log).returncode
+            failure = f"exit {code}" if code != 0 else None
         except subprocess.TimeoutExpired:
-            code = f"still running after job_timeout_s={timeout:g} s; ended"
-    if code != 0:
+            failure = f"still running after job_timeout_s={timeout:g} s; ended"
+    if failure:
         tail = log_path.read_text(errors="replace")[-3000:]
-        exit_text = f"exit {code}" if isinstance(code, int) else code
-        raise SystemExit(f"{tail}\nbench: job failed ({exit_text}); log: {log_path}")
+        raise SystemExit(f"{tail}\nbench: job failed ({failure}); log: {log_path}")
     seconds = time.perf_counter() - started
     JOB_SECONDS[log_path.stem] = round(seconds, 1)
     # Kept beside the logs across invocations, so a resumed benchmark still reports its total.

@@ -13,7 +13,7 @@ import pytest
 
 from recdistill.launcher.demo import DEMO_DATA_ARGS
 from recdistill.launcher.local import accelerate_command, deepspeed_command, run_job
-from recdistill.trainer.deepspeed_host import DEEPSPEED_SHM_PREFIX
+from recdistill.trainer.deepspeed_host import deepspeed_shm_buffers
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["PYTHONUNBUFFERED"] = "1"  # a failed job's output arrives whole in the test report
@@ -25,7 +25,7 @@ def remove_deepspeed_shm_buffers():
     job on purpose leave theirs (66 MB a rank in /dev/shm, which is memory). Remove those."""
     started = time.time()
     yield
-    for path in Path("/dev/shm").glob(f"{DEEPSPEED_SHM_PREFIX}_{os.getuid()}_*"):
+    for path in deepspeed_shm_buffers():
         if path.stat().st_mtime >= started:
             path.unlink(missing_ok=True)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from recdistill.launcher.local import deepspeed_command, run_job
-from recdistill.trainer.deepspeed_host import DEEPSPEED_SHM_PREFIX, remove_stale_extension_locks
+from recdistill.trainer.deepspeed_host import deepspeed_shm_buffers, remove_stale_extension_locks
 
 from .test_precompute import run_precompute
 
@@ -44,14 +44,10 @@ def test_each_launch_gets_its_own_port():
     assert len(ports) > 1 and "29500" not in ports
 
 
-def _shm_buffers() -> set[Path]:
-    return set(Path("/dev/shm").glob(f"{DEEPSPEED_SHM_PREFIX}_{os.getuid()}_*"))
-
-
 def test_finished_deepspeed_job_leaves_no_shm_buffers(teacher_release, demo_data, tmp_path):
-    before = _shm_buffers()
+    before = set(deepspeed_shm_buffers())
     run_precompute(teacher_release, demo_data, tmp_path / "shards", 2)
-    assert _shm_buffers() - before == set()
+    assert set(deepspeed_shm_buffers()) - before == set()
 
 
 def test_stale_extension_lock_is_removed_and_a_fresh_one_kept(tmp_path, capsys):

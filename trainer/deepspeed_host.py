@@ -25,13 +25,19 @@ DEEPSPEED_SHM_PREFIX = "deepspeed_allreduce_buffer"
 STALE_LOCK_AGE_S = 900
 
 
+def deepspeed_shm_buffers(pattern: str = "*") -> list[Path]:
+    """This user's DeepSpeed CPU all-reduce buffers in /dev/shm; `pattern` matches what follows
+    the uid (`<MASTER_ADDR>_<MASTER_PORT>_<rank>`)."""
+    return sorted(Path("/dev/shm").glob(f"{DEEPSPEED_SHM_PREFIX}_{os.getuid()}_{pattern}"))
+
+
 def remove_deepspeed_shm_buffer() -> None:
     """Unlink this rank's DeepSpeed CPU all-reduce buffer from /dev/shm, if it made one."""
     env = os.environ
     if not all(key in env for key in ("LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK")):
         return
-    name = f"{DEEPSPEED_SHM_PREFIX}_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}"
-    Path("/dev/shm", f"{name}_{env['RANK']}").unlink(missing_ok=True)
+    for buffer in deepspeed_shm_buffers(f"{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{env['RANK']}"):
+        buffer.unlink(missing_ok=True)
 
 
 def extension_build_root() -> Path:
