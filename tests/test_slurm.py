@@ -35,6 +35,10 @@ def test_procs_per_node_and_hostfile():
 # ---- a real cluster ----------------------------------------------------------------------------
 
 
+# Seconds a requeued job stays held before the test releases it (slurmd's cleanup of the last run).
+REQUEUE_SETTLE_S = 10
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -237,6 +241,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self, job_id: str, timeout: float = 600, release_requeued: bool = False
     ) -> dict[str, str]:
         deadline = time.time() + timeout
+        held_since = None
         while time.time() < deadline:
             job = self.job(job_id)
             if job.get("JobState") in (
@@ -248,12 +253,12 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 "OUT_OF_MEMORY",
             ):
                 return job
-            if (
-                release_requeued
-                and job.get("JobState") == "PENDING"
-                and job.get("Reason") == "BeginTime"
-            ):
-                # Slurm holds a requeued job for 2 minutes; the test does not wait for that.
+            held = job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime"
+            held_since = (held_since or time.time()) if held else None
+            if release_requeued and held and time.time() - held_since >= REQUEUE_SETTLE_S:
+                # Slurm holds a requeued job for 2 minutes; the test waits only until slurmd has
+                # cleaned up the previous run (released at once, the new run was refused with
+                # "Job credential revoked" and the job ended FAILED).
                 subprocess.run(
                     ["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
                     env=self.env,
