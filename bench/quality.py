@@ -13,7 +13,9 @@ For every dataset of the scale file (bench/configs/SCALE.yaml) found under --dat
    cross-entropy only, dllm2rec, slmrec, both; the same overrides as the demo's).
 Every job is the real job script run as its own process, with its config written into its run
 folder under --work; a finished run is reused, so an interrupted benchmark continues where it
-stopped. Test metrics are leave-one-out, full ranking over the whole catalogue.
+stopped. Test metrics are leave-one-out, full ranking over the whole catalogue; a scale with
+`exclude_seen: true` prepares whole histories and ranks each user's history out (validation, test
+and popularity), the protocol of the published numbers it lists under `published:`.
 
 Writes bench/results/quality_SCALE.json (every seed's numbers, means and spreads),
 quality_SCALE.md (the tables) and curves_SCALE_DATASET.png (validation NDCG@10 against training
@@ -57,6 +59,11 @@ def load_scale(name_or_path: str) -> dict:
     scale = yaml.safe_load(path.read_text())
     scale["name"] = path.stem
     return scale
+
+
+def excludes_seen(scale: dict) -> bool:
+    """The scale's protocol: rank out each user's whole history (validation, test, popularity)."""
+    return bool(scale.get("exclude_seen", False))
 
 
 def write_job_config(
@@ -133,7 +140,7 @@ def sample_users(source: Path, count: int, seed: int, target: Path) -> None:
     )
 
 
-def prepare(name: str, spec: dict, data_root: Path, work: Path) -> Path:
+def prepare(scale: dict, name: str, spec: dict, data_root: Path, work: Path) -> Path:
     data_dir = work / name / "data"
     if (data_dir / "stats.json").is_file():
         return data_dir
@@ -152,7 +159,9 @@ def prepare(name: str, spec: dict, data_root: Path, work: Path) -> Path:
         "--output",
         str(data_dir),
         "--max-seq-len",
-        str(spec["max_len"] + 3),  # the training sequence keeps max_len + 1 after the split
+        # Whole histories when they are ranked out; else what the jobs read: the training
+        # sequence keeps max_len + 1 after the split.
+        "0" if excludes_seen(scale) else str(spec["max_len"] + 3),
     ]
     run_job(command, work / name / "logs/prepare.log", {})
     return data_dir
@@ -173,6 +182,7 @@ def train_teacher(
             "data.max_len": spec["max_len"],
             "train.output_dir": str(run_dir),
             "train.seed": seed,
+            "train.eval_exclude_history": excludes_seen(scale),
         },
         work / name / f"configs/teacher_s{seed}.yaml",
     )
@@ -228,6 +238,7 @@ def train_student(
         "student.options": student_section["options"],
         "train.output_dir": str(run_dir),
         "train.seed": seed,
+        "train.eval_exclude_history": excludes_seen(scale),
     }
     config = write_job_config(
         scale["distill"]["config"],
@@ -327,7 +338,13 @@ def markdown(report: dict) -> str:
         "",
         f"`{report['command']}` — {report['device']}, {report['minutes']:.0f} min for this "
         "invocation (a resumed benchmark reuses finished runs). "
-        f"Leave-one-out test split, full ranking; mean ± std over seeds {report['seeds']}.",
+        "Leave-one-out test split, full ranking over "
+        + (
+            "the items each user has not interacted with (history ranked out)"
+            if report.get("exclude_seen")
+            else "all items"
+        )
+        + f"; mean ± std over seeds {report['seeds']}.",
         "",
     ]
     for name, result in report["datasets"].items():
@@ -365,6 +382,20 @@ def markdown(report: dict) -> str:
             )
             cells = " | ".join(f"{values[m]['mean']:.4f} ± {values[m]['std']:.4f}" for m in METRICS)
             lines.append(f"| {row} | {cells} | {change} |")
+        published = report.get("published", {}).get(name)
+        if published:
+            row = result["rows"][published["row"]]
+            lines += [
+                "",
+                f"Published {published['row']} ({published['source']}): "
+                + ", ".join(
+                    f"{m.upper()} {published[m]:.4f} (here {row[m]['mean']:.4f}, "
+                    f"{100 * (row[m]['mean'] / published[m] - 1):+.1f}%)"
+                    for m in METRICS
+                    if m in published
+                )
+                + ".",
+            ]
         lines.append("")
     return "\n".join(lines)
 
@@ -468,7 +499,7 @@ def main(argv=None) -> int:
             spec = datasets[name]
             progress.set_postfix_str(f"{name} {kind} {detail if detail is not None else ''}")
             if kind == "prepare":
-                paths[name]["data"] = prepare(name, spec, data_root, work)
+                paths[name]["data"] = prepare(scale, name, spec, data_root, work)
             elif kind == "teacher":
                 run = train_teacher(scale, name, spec, paths[name]["data"], detail, work)
                 paths[name].setdefault("teacher", run)  # seed order: the first seed is distilled
@@ -485,6 +516,8 @@ def main(argv=None) -> int:
         "command": command.strip(),
         "device": scale["device"],
         "seeds": seeds,
+        "exclude_seen": excludes_seen(scale),
+        "published": scale.get("published", {}),
         "minutes": (time.perf_counter() - started) / 60,
         "datasets": {
             name: collect(scale, name, work, students, variants, seeds) for name in datasets

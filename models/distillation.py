@@ -136,9 +136,10 @@ class DistillationObjective(nn.Module):
 
     @torch.no_grad()
     def rank_targets(
-        self, item_ids, lengths, targets, exclude_history: bool = False
+        self, item_ids, lengths, targets, exclude: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Full-ranking rank of each row's target after its history (evaluation)."""
+        """Full-ranking rank of each row's target after its history (evaluation); `exclude`
+        ([B, S] item ids, 0 = none) are ranked out."""
         out, table = self.encode(item_ids, lengths)
         reps = out.user_reps[torch.arange(item_ids.shape[0], device=item_ids.device), lengths - 1]
         stats = catalogue_stats(
@@ -146,7 +147,7 @@ class DistillationObjective(nn.Module):
             table,
             targets=targets,
             chunk_size=self.cfg["chunk_size"],
-            exclude=item_ids if exclude_history else None,
+            exclude=exclude,
         )
         return stats.target_ranks
 

@@ -22,6 +22,9 @@ class SASRecConfig:
     num_heads: int = 1
     dropout: float = 0.1
     max_len: int = 50
+    # None: item table N(0, hidden^-0.5), torch's defaults elsewhere. A float: every embedding
+    # and linear weight N(0, init_std), biases 0, as Klenitskiy & Vasilev's SASRec (0.02).
+    init_std: float | None = None
 
 
 class SASRecBlock(nn.Module):
@@ -64,7 +67,19 @@ class SASRec(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(SASRecBlock(config) for _ in range(config.num_blocks))
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=1e-8)
-        nn.init.normal_(self.item_embeddings.weight, std=config.hidden_size**-0.5)
+        if config.init_std is None:
+            nn.init.normal_(self.item_embeddings.weight, std=config.hidden_size**-0.5)
+        else:
+            self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
 
     def item_table(self) -> torch.Tensor:
         return self.item_embeddings.weight

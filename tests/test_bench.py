@@ -53,6 +53,8 @@ def test_summary_and_table():
         "device": "cpu",
         "minutes": 1.0,
         "seeds": [0],
+        "exclude_seen": True,
+        "published": {"d": {"row": "sasrec/plain", "source": "paper", "ndcg@10": 0.2}},
         "datasets": {
             "d": {
                 "data": {"users": 10, "items": 5, "interactions": 50},
@@ -62,6 +64,8 @@ def test_summary_and_table():
     }
     table = quality.markdown(report)
     assert "| sasrec/both | 0.3000 ± 0.0000 | 0.1200 ± 0.0000 | 0.0600 ± 0.0000 | +20.0% |" in table
+    assert "over the items each user has not interacted with" in table
+    assert "Published sasrec/plain (paper): NDCG@10 0.2000 (here 0.1000, -50.0%)." in table
 
 
 def _markov_log(path, users: int, items: int, seed: int = 0) -> None:
@@ -85,6 +89,7 @@ def test_quality_and_speed_end_to_end(tmp_path):
     _markov_log(data_root / "toy/log.txt", users=400, items=60)
     scale = yaml.safe_load((ROOT / "bench/configs/cpu.yaml").read_text())
     scale["seeds"] = [0]
+    scale["exclude_seen"] = True  # whole histories prepared and ranked out by every job
     scale["job_timeout_s"] = 600  # a hung job fails the test by name instead of hanging CI
     scale["datasets"] = {"toy": {"path": "toy/log.txt", "format": "lines", "max_len": 10}}
     scale["teacher"]["overrides"] += ["train.epochs=2", "train.eval_every=6"]
@@ -107,6 +112,17 @@ def test_quality_and_speed_end_to_end(tmp_path):
     }
     for values in rows.values():
         assert all(0.0 <= values[m]["mean"] <= 1.0 for m in quality.METRICS)
+    # Whole histories were prepared (longer than the 10-item window) and ranked out, popularity too.
+    from recdistill.trainer.data.pipeline import load_sequences
+    from recdistill.trainer.evaluate import eval_examples, popularity_metrics, seen_items
+
+    splits, stats = load_sequences(work / "toy/data")
+    assert max(len(h) for h in splits["test"]["history"]) > 10
+    train_items, examples = list(splits["train"]["items"]), eval_examples(splits, "test", 10)
+    unseen = popularity_metrics(train_items, examples, stats["items"], seen_items(splits, "test"))
+    everything = popularity_metrics(train_items, examples, stats["items"])
+    assert rows["popularity"]["ndcg@10"]["mean"] == pytest.approx(unseen["ndcg@10"])
+    assert unseen["ndcg@10"] != pytest.approx(everything["ndcg@10"])
     # two epochs already beat popularity on the item graph
     assert rows["sasrec/plain"]["ndcg@10"]["mean"] > 1.2 * rows["popularity"]["ndcg@10"]["mean"]
     assert report["datasets"]["toy"]["curves"]["teacher"]  # validation points were logged

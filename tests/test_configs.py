@@ -45,3 +45,19 @@ def test_overrides_are_typed_and_checked(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: cannot parse"):
         load_config(tmp_path / "bad.yaml", [], TEACHER)
+
+
+def test_unknown_lr_schedule_is_refused_before_any_work(tmp_path):
+    from recdistill.trainer.distill import main as distill_main
+
+    output = tmp_path / "run"
+    with pytest.raises(SystemExit, match="train.lr_schedule 'step': use one of linear, cosine"):
+        distill_main(
+            [
+                "--config",
+                str(ROOT / "configs/distill_demo.yaml"),
+                "train.lr_schedule=step",
+                f"train.output_dir={output}",
+            ]
+        )
+    assert not output.exists()

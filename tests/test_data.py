@@ -229,6 +229,16 @@ def test_leave_one_out_split_and_truncation(tmp_path):
     assert list(splits["test"]) == [{"user": "u", "history": [4, 5, 6], "target": 7}]
     assert stats["interactions"] == 9 and stats["sequence_length"]["max"] == 7
 
+    whole = tmp_path / "whole"
+    assert run_prepare(tmp_path, "lines", text, "--max-seq-len", "0", output=whole) == 0
+    splits, _ = load_sequences(whole)
+    assert {r["user"]: r["items"] for r in splits["train"]} == {
+        "u": [1, 2, 3, 4, 5],
+        "short": [1, 2],
+    }
+    assert list(splits["test"]) == [{"user": "u", "history": [1, 2, 3, 4, 5, 6], "target": 7}]
+    assert run_prepare(tmp_path, "lines", text, "--max-seq-len", "-1", output=tmp_path / "n") == 2
+
 
 def test_num_proc_does_not_change_output(tmp_path):
     outputs = []

@@ -30,6 +30,26 @@ def run_distill(pipeline, out, *overrides, check=True, processes=2, shards=None)
     return result
 
 
+def evaluate_cli(pipeline, tmp_path, *args) -> tuple[dict, subprocess.CompletedProcess]:
+    """trainer/evaluate.py on the pipeline's data: (its report's models, the process)."""
+    output = tmp_path / "eval.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "trainer/evaluate.py"),
+            "--data",
+            str(pipeline["data"]),
+            "--output",
+            str(output),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(output.read_text())["models"], result
+
+
 def terms_by_step(out) -> dict[int, dict]:
     return {r["step"]: r["terms"] for r in read_jsonl(out / "metrics.jsonl")}
 
@@ -45,25 +65,15 @@ def test_distilled_student_beats_plain_student(pipeline, tmp_path):
     for term in ("next_item", "ranking", "logits"):
         assert sum(t[term] for t in last) < sum(t[term] for t in first), term
     # the evaluation CLI scores the saved students (collaborative embedding included) the same way
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "trainer/evaluate.py"),
-            "--data",
-            str(pipeline["data"]),
-            "--student",
-            str(tmp_path / "distilled/final"),
-            "--teacher",
-            str(pipeline["teacher"] / "final"),
-            "--sampled",
-            "--output",
-            str(tmp_path / "eval.json"),
-        ],
-        capture_output=True,
-        text=True,
+    report, result = evaluate_cli(
+        pipeline,
+        tmp_path,
+        "--student",
+        str(tmp_path / "distilled/final"),
+        "--teacher",
+        str(pipeline["teacher"] / "final"),
+        "--sampled",
     )
-    assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "eval.json").read_text())["models"]
     assert report["distilled"]["full"]["ndcg@10"] == pytest.approx(distilled["ndcg@10"], abs=1e-6)
     assert report["distilled"]["speedup_vs_teacher"] > 0 and "| teacher |" in result.stdout
     # With fewer than 1000 items, SLMRec's 999 sampled negatives are every other item: the
@@ -110,8 +120,31 @@ def test_uneven_shards_with_workers_do_not_hang(pipeline, tmp_path):
         s["count"] for s in json.loads((shards / "manifest.json").read_text())["shards"]
     )
     assert counts[0] < counts[-1] and len(counts) % 2 == 1  # 7 shards: uneven by size and by rank
-    run_distill(pipeline, tmp_path / "run", "shards.workers=2", "train.epochs=2", shards=shards)
-    assert json.loads((tmp_path / "run/final/metrics.json").read_text())["steps"] > 0
+    run_distill(
+        pipeline,
+        tmp_path / "run",
+        "shards.workers=2",
+        "train.epochs=2",
+        "train.eval_exclude_history=true",
+        "train.lr_schedule=constant",
+        "train.warmup_steps=0",
+        shards=shards,
+    )
+    metrics = json.loads((tmp_path / "run/final/metrics.json").read_text())
+    assert metrics["steps"] > 0
+    rates = [r["lr"] for r in read_jsonl(tmp_path / "run/metrics.jsonl") if "lr" in r]
+    assert len(rates) > 2 and all(r == pytest.approx(2e-3) for r in rates), rates  # no decay
+    # The job ranked each user's whole history out; the evaluation CLI does the same with
+    # --exclude-seen, and ranking every item gives lower numbers on the same model.
+    for flag in (["--exclude-seen"], []):
+        report, _ = evaluate_cli(
+            pipeline, tmp_path, "--student", str(tmp_path / "run/final"), *flag
+        )
+        full = report["run"]["full"]
+        if flag:
+            assert full["ndcg@10"] == pytest.approx(metrics["student"]["ndcg@10"], abs=1e-6)
+        else:
+            assert full["ndcg@10"] < metrics["student"]["ndcg@10"]
 
 
 def test_shards_of_another_vocabulary_are_refused(pipeline, tmp_path):

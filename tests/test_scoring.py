@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from recdistill.models.scoring import catalogue_cross_entropy, catalogue_stats
+from recdistill.trainer.evaluate import eval_examples, popularity_metrics, ranking_sums, seen_items
 from recdistill.trainer.metrics import finalize, metric_sums
 
 
@@ -85,3 +86,40 @@ def test_metrics_hand_worked():
 def test_metric_weights_drop_padding_rows():
     weighted = finalize(metric_sums(torch.tensor([0, 50, 50]), torch.tensor([1.0, 1.0, 0.0])))
     assert weighted["hr@10"] == pytest.approx(0.5) and weighted["count"] == 2
+
+
+def _fixed_score_rank_fn(table):
+    """Every user has the same representation [1, 0]: item scores are table[:, 0]."""
+
+    def rank_fn(ids, lengths, targets, exclude):
+        reps = torch.tensor([[1.0, 0.0]]).expand(ids.shape[0], 2)
+        return catalogue_stats(reps, table, targets=targets, exclude=exclude).target_ranks
+
+    return rank_fn
+
+
+def test_exclude_seen_ranks_out_the_whole_history_not_only_the_window():
+    # item scores: 1 -> 4, 2 -> 3, 3 -> 2, 4 -> 1. The user saw [1, 2]; the model sees only the
+    # last item (max_len 1); the target is 3.
+    table = torch.tensor([[0.0, 0.0], [4.0, 0.0], [3.0, 0.0], [2.0, 0.0], [1.0, 0.0]])
+    splits = {"test": {"history": [[1, 2]], "target": [3]}}
+    examples = eval_examples(splits, "test", max_len=1)
+    assert examples == [([2], 3)]
+    rank_fn = _fixed_score_rank_fn(table)
+    everything = finalize(ranking_sums(rank_fn, examples, 4, "cpu"))
+    unseen = finalize(ranking_sums(rank_fn, examples, 4, "cpu", seen=seen_items(splits, "test")))
+    assert everything["mrr"] == pytest.approx(1 / 3)  # items 1 and 2 outrank the target
+    assert unseen["mrr"] == pytest.approx(1.0)  # both seen: the target is first
+    assert unseen["ndcg@10"] == pytest.approx(1.0) and everything["ndcg@10"] == pytest.approx(0.5)
+
+
+def test_popularity_ranks_out_seen_items():
+    # training counts: item 1 x3, item 2 x2, item 3 x1, item 4 x0
+    train_items = [[1, 2, 3], [1, 2], [1]]
+    examples = [([1], 3), ([4], 2)]
+    seen = [[1], [4, 1]]
+    everything = popularity_metrics(train_items, examples, 4)
+    unseen = popularity_metrics(train_items, examples, 4, seen)
+    # ranks without exclusion: 2 (items 1, 2) and 1 (item 1); with it: 1 (item 2) and 0
+    assert everything["mrr"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert unseen["mrr"] == pytest.approx((1 / 2 + 1) / 2)

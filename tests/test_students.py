@@ -87,3 +87,17 @@ def test_inputs_from_an_external_item_table(architecture):
     torch.testing.assert_close(model(ids, lengths, own).user_reps, model(ids, lengths).user_reps)
     shifted = model(ids, lengths, own + 0.5 * torch.randn_like(own)).user_reps
     assert not torch.allclose(shifted, model(ids, lengths).user_reps, atol=1e-4)
+
+
+def test_sasrec_init_std():
+    config_class, model_class = STUDENTS["sasrec"]
+    torch.manual_seed(0)
+    default = model_class(config_class(num_items=2000, max_len=12))
+    small = model_class(config_class(num_items=2000, max_len=12, init_std=0.02))
+    std = lambda tensor: float(tensor.detach().std())  # noqa: E731
+    assert std(default.item_embeddings.weight) == pytest.approx(64**-0.5, rel=0.05)
+    assert std(small.item_embeddings.weight[1:]) == pytest.approx(0.02, rel=0.05)
+    assert small.item_embeddings.weight[0].abs().sum() == 0  # padding row
+    ffn = small.blocks[0].ffn[0]
+    assert std(ffn.weight) == pytest.approx(0.02, rel=0.2) and ffn.bias.abs().sum() == 0
+    assert std(small.position_embeddings.weight) == pytest.approx(0.02, rel=0.2)

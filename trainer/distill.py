@@ -39,7 +39,7 @@ from recdistill.trainer.config import load_config, start_run_dir
 from recdistill.trainer.data.pipeline import load_sequences
 from recdistill.trainer.data.shard_stream import TeacherShardStream, make_loader
 from recdistill.trainer.data.shards import ITEM_TABLE_FILE, ShardError, load_manifest, sha256_file
-from recdistill.trainer.evaluate import all_reduce_sums, eval_examples, ranking_sums
+from recdistill.trainer.evaluate import all_reduce_sums, eval_examples, ranking_sums, seen_items
 from recdistill.trainer.metrics import finalize
 from recdistill.trainer.requeue import stop_requested
 from recdistill.trainer.shutdown import run_and_exit
@@ -74,6 +74,7 @@ DEFAULTS: dict = {
         "lr": 1e-3,
         "weight_decay": 0.0,
         "warmup_steps": 0,
+        "lr_schedule": "linear",  # after warm-up: linear (to 0 at the end) | cosine | constant
         "epochs": 10,
         "max_steps": None,
         "seed": 0,
@@ -81,13 +82,14 @@ DEFAULTS: dict = {
         "log_every": 10,
         "eval_every": 100,
         "eval_batch_size": 256,
-        "eval_exclude_history": False,
+        "eval_exclude_history": False,  # rank out every item of the user's whole history
         "save_every": 100,
         "keep_checkpoints": 2,
         "patience": 5,
         "kill_at_step": None,  # fault injection for tests: SIGKILL after that optimizer step
     },
 }
+LR_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 DISTILL_FILE = "distillation.json"
 COLLABORATIVE_FILE = "collaborative_embedding.safetensors"
 
@@ -306,6 +308,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides, DEFAULTS)
     data_cfg, shard_cfg, train_cfg, loss_cfg = cfg["data"], cfg["shards"], cfg["train"], cfg["loss"]
+    if train_cfg["lr_schedule"] not in LR_SCHEDULES:
+        raise SystemExit(
+            f"train.lr_schedule {train_cfg['lr_schedule']!r}: use one of {', '.join(LR_SCHEDULES)}"
+        )
     output_dir = Path(train_cfg["output_dir"])
     checkpoints = output_dir / "checkpoints"
     accelerator = Accelerator(
@@ -327,6 +333,9 @@ def main(argv=None) -> int:
     check_shards_match_data(shard_dir, manifest, stats, shard_cfg["verify_checksums"])
     valid_examples = eval_examples(splits, "valid", data_cfg["max_len"])
     test_examples = eval_examples(splits, "test", data_cfg["max_len"])
+    exclude_seen = train_cfg["eval_exclude_history"]
+    valid_seen = seen_items(splits, "valid") if exclude_seen else None
+    test_seen = seen_items(splits, "test") if exclude_seen else None
 
     student = build_student(cfg["student"], stats["items"], data_cfg["max_len"])
     teacher_table = (
@@ -366,7 +375,7 @@ def main(argv=None) -> int:
     )
     # Accelerate's prepared scheduler advances once per process at every optimizer step.
     scheduler = get_scheduler(
-        "linear",
+        LR_SCHEDULES[train_cfg["lr_schedule"]],
         optimizer,
         num_warmup_steps=train_cfg["warmup_steps"] * world,
         num_training_steps=total_steps * world,
@@ -398,17 +407,16 @@ def main(argv=None) -> int:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
-    def evaluate_split(examples: list) -> dict:
+    def evaluate_split(examples: list, seen: list | None) -> dict:
         model.eval()
         sums = ranking_sums(
-            lambda ids, lengths, targets: model.rank_targets(
-                ids, lengths, targets, train_cfg["eval_exclude_history"]
-            ),
+            model.rank_targets,
             examples,
             train_cfg["eval_batch_size"],
             accelerator.device,
             rank,
             world,
+            seen=seen,
         )
         model.train()
         return finalize(all_reduce_sums(sums, accelerator.device))
@@ -477,7 +485,7 @@ def main(argv=None) -> int:
                 with open(output_dir / "metrics.jsonl", "a") as handle:
                     handle.write(json.dumps({"step": step, "terms": reduced}) + "\n")
             if step % train_cfg["eval_every"] == 0 or step == total_steps:
-                valid = evaluate_split(valid_examples)
+                valid = evaluate_split(valid_examples, valid_seen)
                 accelerator.log({f"valid/{k}": v for k, v in valid.items()}, step=step)
                 if valid["ndcg@10"] > s["best_ndcg"]:
                     s["best_ndcg"], s["bad_evals"] = valid["ndcg@10"], 0
@@ -516,7 +524,7 @@ def main(argv=None) -> int:
     accelerator.wait_for_everyone()
     if (output_dir / "best.safetensors").is_file():
         model.load_state_dict(load_file(str(output_dir / "best.safetensors")))
-    test = evaluate_split(test_examples)
+    test = evaluate_split(test_examples, test_seen)
     if accelerator.is_main_process:
         staging = output_dir / "final.tmp"
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,9 +1,11 @@
 """Full-ranking evaluation of students and teachers, with inference speed side by side.
 
     python trainer/evaluate.py --data runs/demo/data --student runs/demo/student/final \
-        --teacher runs/demo/teacher/final [--split test] [--sampled] [--device cpu]
+        --teacher runs/demo/teacher/final [--split test] [--exclude-seen] [--sampled] [--device cpu]
 
 Full ranking over all N items (padding excluded): HR@{1,5,10,20}, NDCG@{5,10,20}, MRR. With
+--exclude-seen every item of the user's whole history (not only the window fed to the model) is
+left out of the ranking, the protocol of Klenitskiy & Vasilev (RecSys 2023) and RecBole. With
 --sampled also SLMRec's protocol: the target ranked among 999 seeded random negatives. Speed:
 users/s and median latency per batch of each model on the same device and batches.
 """
@@ -21,13 +23,13 @@ import numpy as np
 import torch
 
 from recdistill.models.scoring import full_scores
-from recdistill.trainer.data.batches import even_shard, prefix_batch
+from recdistill.trainer.data.batches import even_shard, pad_right, prefix_batch
 from recdistill.trainer.data.pipeline import load_sequences
 from recdistill.trainer.metrics import finalize, metric_sums
 
 RankFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
-]  # ids, lengths, targets -> ranks
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor
+]  # ids, lengths, targets, excluded ids ([B, S], 0 = none, or None) -> ranks
 
 
 def eval_examples(splits, split: str, max_len: int) -> list[tuple[list[int], int]]:
@@ -37,17 +39,34 @@ def eval_examples(splits, split: str, max_len: int) -> list[tuple[list[int], int
     ]
 
 
+def seen_items(splits, split: str) -> list:
+    """Each user's whole history before the split's target: what --exclude-seen leaves out."""
+    return list(splits[split]["history"])
+
+
 def ranking_sums(
-    rank_fn: RankFn, examples: list, batch_size: int, device, rank: int = 0, world: int = 1
+    rank_fn: RankFn,
+    examples: list,
+    batch_size: int,
+    device,
+    rank: int = 0,
+    world: int = 1,
+    seen: list | None = None,
 ) -> dict:
     """Metric sums of this rank's share; every rank runs the same number of batches (padding
-    rows weigh 0), so a ZeRO-3 teacher never deadlocks. Add the sums over ranks, then finalize."""
+    rows weigh 0), so a ZeRO-3 teacher never deadlocks. Add the sums over ranks, then finalize.
+    `seen` (one item list per example): items ranked out, e.g. `seen_items`."""
     indices, weights = even_shard(len(examples), world, rank, batch_size)
     totals: dict[str, float] = {}
     for start in range(0, len(indices), batch_size):
-        batch = prefix_batch(*zip(*[examples[i] for i in indices[start : start + batch_size]]))
+        rows = indices[start : start + batch_size]
+        batch = prefix_batch(*zip(*[examples[i] for i in rows]))
+        exclude = None if seen is None else pad_right([seen[i] for i in rows])[0].to(device)
         ranks = rank_fn(
-            batch["item_ids"].to(device), batch["lengths"].to(device), batch["targets"].to(device)
+            batch["item_ids"].to(device),
+            batch["lengths"].to(device),
+            batch["targets"].to(device),
+            exclude,
         )
         part = metric_sums(ranks.cpu(), torch.from_numpy(weights[start : start + batch_size]))
         totals = {key: totals.get(key, 0.0) + value for key, value in part.items()}
@@ -64,14 +83,21 @@ def all_reduce_sums(sums: dict, device) -> dict:
     return dict(zip(keys, packed.tolist()))
 
 
-def popularity_metrics(train_items: list, examples: list, num_items: int) -> dict[str, float]:
-    """Baseline: every user gets the same ranking, by training-set item frequency."""
+def popularity_metrics(
+    train_items: list, examples: list, num_items: int, seen: list | None = None
+) -> dict[str, float]:
+    """Baseline: every user gets the same ranking, by training-set item frequency (minus the
+    user's `seen` items when given, as `ranking_sums` does)."""
     counts = np.bincount(
         np.concatenate([np.asarray(s) for s in train_items]), minlength=num_items + 1
-    )
-    counts = counts[1:].astype(np.float64)
+    ).astype(np.float64)
+    counts[0] = -np.inf  # padding
     targets = np.asarray([t for _, t in examples])
-    ranks = (counts[None, :] > counts[targets - 1][:, None]).sum(1)
+    ranks = (counts[None, 1:] > counts[targets][:, None]).sum(1)
+    if seen is not None:
+        for row, (items, target) in enumerate(zip(seen, targets)):
+            items = np.unique(np.asarray(items, dtype=np.int64))
+            ranks[row] -= int((counts[items[items != target]] > counts[target]).sum())
     return finalize(metric_sums(torch.from_numpy(ranks)))
 
 
@@ -161,8 +187,10 @@ def teacher_fns(directory: Path, device):
     teacher = LLMRecTeacher.from_pretrained(directory).to(device).eval()
 
     @torch.no_grad()
-    def rank_fn(ids, lengths, targets):
-        return teacher(ids, lengths, targets=targets, score="last").stats.target_ranks
+    def rank_fn(ids, lengths, targets, exclude=None):
+        return teacher(
+            ids, lengths, targets=targets, score="last", exclude=exclude
+        ).stats.target_ranks
 
     @torch.no_grad()
     def score_fn(ids, lengths):
@@ -192,6 +220,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=256, help="users per batch (default 256)")
     parser.add_argument(
+        "--exclude-seen",
+        action="store_true",
+        help="rank only items outside each user's whole history (Klenitskiy & Vasilev, RecBole)",
+    )
+    parser.add_argument(
         "--sampled", action="store_true", help="also SLMRec's 999-negative sampled protocol"
     )
     parser.add_argument(
@@ -211,9 +244,15 @@ def main(argv=None) -> int:
     ]
     if args.teacher:
         models.append(("teacher", teacher_fns(Path(args.teacher), device)))
-    report = {"split": args.split, "users": len(examples), "models": {}}
+    seen = seen_items(splits, args.split) if args.exclude_seen else None
+    report = {
+        "split": args.split,
+        "users": len(examples),
+        "exclude_seen": args.exclude_seen,
+        "models": {},
+    }
     for name, (rank_fn, score_fn) in models:
-        metrics = finalize(ranking_sums(rank_fn, examples, args.batch_size, device))
+        metrics = finalize(ranking_sums(rank_fn, examples, args.batch_size, device, seen=seen))
         entry = {
             "full": metrics,
             "speed": inference_speed(score_fn, examples, args.batch_size, device),

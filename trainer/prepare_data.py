@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-seq-len",
         type=int,
         default=200,
-        help="keep the most recent items: inputs per user (default 200)",
+        help="keep the most recent items: inputs per user (default 200); 0 keeps whole "
+        "histories, for evaluation that ranks out everything a user has seen",
     )
     parser.add_argument(
         "--num-proc",
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             size = os.path.getsize(args.input)
             source = {"format": args.format, "input": str(args.input)}
+        if args.max_seq_len < 0:
+            raise DataError(f"--max-seq-len {args.max_seq_len}: use a positive length, or 0")
         options = PrepareOptions(
             min_user_interactions=args.min_user_interactions,
             min_item_interactions=args.min_item_interactions,

@@ -48,6 +48,7 @@ from recdistill.trainer.evaluate import (
     eval_examples,
     popularity_metrics,
     ranking_sums,
+    seen_items,
 )
 from recdistill.trainer.metrics import finalize
 from recdistill.trainer.requeue import stop_requested
@@ -91,7 +92,7 @@ DEFAULTS: dict = {
         "log_every": 10,
         "eval_every": 500,
         "eval_batch_size": 64,
-        "eval_exclude_history": False,
+        "eval_exclude_history": False,  # rank out every item of the user's whole history
         "save_every": 500,
         "patience": 5,  # evaluations without NDCG@10 improvement before stopping
         "kill_at_step": None,  # fault injection for tests: SIGKILL this process after that step
@@ -222,19 +223,24 @@ def load_item_embeddings(model: LLMRecTeacher, path: str) -> None:
 
 @torch.no_grad()
 def evaluate(
-    engine, examples: list, batch_size: int, exclude_history: bool, device
+    engine, examples: list, batch_size: int, seen: list | None, device
 ) -> dict[str, float]:
-    """Full-ranking metrics; every rank runs the same number of batches (ZeRO-3 needs it)."""
+    """Full-ranking metrics (`seen` items ranked out); every rank runs the same number of
+    batches (ZeRO-3 needs it)."""
     engine.eval()
 
-    def rank_targets(ids, lengths, targets):
-        out = engine(
-            ids, lengths, targets=targets, score="last", exclude=ids if exclude_history else None
-        )
+    def rank_targets(ids, lengths, targets, exclude):
+        out = engine(ids, lengths, targets=targets, score="last", exclude=exclude)
         return out.stats.target_ranks
 
     sums = ranking_sums(
-        rank_targets, examples, batch_size, device, dist.get_rank(), dist.get_world_size()
+        rank_targets,
+        examples,
+        batch_size,
+        device,
+        dist.get_rank(),
+        dist.get_world_size(),
+        seen=seen,
     )
     engine.train()
     return finalize(all_reduce_sums(sums, device))
@@ -291,6 +297,9 @@ def main(argv=None) -> int:
 
     splits, stats = load_sequences(data_cfg["dir"])
     train_examples, valid_examples, test_examples = build_examples(splits, data_cfg)
+    exclude_seen = train_cfg["eval_exclude_history"]
+    valid_seen = seen_items(splits, "valid") if exclude_seen else None
+    test_seen = seen_items(splits, "test") if exclude_seen else None
     global_batch = train_cfg["micro_batch_size"] * train_cfg["grad_accum"] * world
     steps_per_epoch = len(train_examples) // global_batch
     if steps_per_epoch == 0:
@@ -383,7 +392,7 @@ def main(argv=None) -> int:
                     engine,
                     valid_examples,
                     train_cfg["eval_batch_size"],
-                    train_cfg["eval_exclude_history"],
+                    valid_seen,
                     device,
                 )
                 log.log(step, {f"valid/{k}": v for k, v in valid.items()})
@@ -425,7 +434,7 @@ def main(argv=None) -> int:
         engine,
         test_examples,
         train_cfg["eval_batch_size"],
-        train_cfg["eval_exclude_history"],
+        test_seen,
         device,
     )
     final = output_dir / "final"
@@ -441,7 +450,7 @@ def main(argv=None) -> int:
         shutil.copy(Path(data_cfg["dir"]) / ITEM_MAP_FILE, staging / ITEM_MAP_FILE)
         save_config(cfg, staging / "run_config.yaml")
         popularity = popularity_metrics(
-            [s for s in splits["train"]["items"]], test_examples, stats["items"]
+            [s for s in splits["train"]["items"]], test_examples, stats["items"], test_seen
         )
         metrics = {
             "teacher": test,

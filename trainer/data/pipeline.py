@@ -50,7 +50,7 @@ EVAL_SCHEMA = pa.schema(
 class PrepareOptions:
     min_user_interactions: int = 5
     min_item_interactions: int = 5
-    max_seq_len: int = 200
+    max_seq_len: int = 200  # 0: keep whole histories (the jobs cut their own windows)
     num_proc: int = 1
     num_parts: int | None = None  # None: from the input size
     source: dict = field(default_factory=dict)  # what was read, recorded in stats.json
@@ -169,6 +169,8 @@ def _build_part(
     ends = np.append(starts[1:], len(items)).astype(np.int64)
     users = table.column("user").take(pa.array(starts))
     lengths = ends - starts
+    if max_seq_len <= 0:  # whole histories
+        max_seq_len = int(lengths.max(initial=0))
 
     # Leave-one-out: last item test, second to last validation; users with fewer than 3
     # events have no held-out items and train on all of theirs.
