@@ -13,7 +13,8 @@ For every dataset of the scale file (bench/configs/SCALE.yaml) found under --dat
    cross-entropy only, dllm2rec, slmrec, both; the same overrides as the demo's).
 Every job is the real job script run as its own process, with its config written into its run
 folder under --work; a finished run is reused, so an interrupted benchmark continues where it
-stopped. Test metrics are leave-one-out, full ranking over the whole catalogue; a scale with
+stopped. A job whose config differs from the one an earlier invocation wrote there (an edited
+scale file) is refused with the keys that changed, never reused or resumed. Test metrics are leave-one-out, full ranking over the whole catalogue; a scale with
 `exclude_seen: true` prepares whole histories and ranks each user's history out (validation, test
 and popularity), the protocol of the published numbers it lists under `published:`.
 
@@ -77,9 +78,43 @@ def write_job_config(
         for part in parents:
             section = section[part]
         section[leaf] = value
+    return keep_job_config(config, path)
+
+
+def keep_job_config(config: dict, path: Path) -> Path:
+    """Write a job's config, or check it against the one an earlier invocation wrote there: a
+    finished run is reused and a started one resumed, so a changed scale file must not meet them."""
+    if path.is_file():
+        changed = differences(yaml.safe_load(path.read_text()), config)
+        if changed:
+            raise SystemExit(
+                f"bench: {path} was written by an earlier invocation with other settings "
+                f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}); its run would "
+                f"be reused or resumed with them. Pass --work NEW_FOLDER, or delete "
+                f"{path.parent.parent} to rerun this dataset."
+            )
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     save_config(config, path)
     return path
+
+
+def differences(earlier, now, key: str = "") -> list[str]:
+    """'key: earlier -> now' for every leaf of both that differs (dotted keys). A key only one
+    side has is an option a newer or older recdistill added or dropped, not a changed setting."""
+    if isinstance(earlier, dict) and isinstance(now, dict):
+        return [
+            change
+            for name in earlier
+            if name in now
+            for change in differences(
+                earlier[name], now[name], f"{key}.{name}" if key else str(name)
+            )
+        ]
+    # Through JSON so a tuple and the list YAML reads back compare equal.
+    if json.loads(json.dumps(earlier)) == json.loads(json.dumps(now)):
+        return []
+    return [f"{key or 'config'}: {earlier!r} -> {now!r}"]
 
 
 # ---- running jobs --------------------------------------------------------------------------
@@ -142,6 +177,11 @@ def sample_users(source: Path, count: int, seed: int, target: Path) -> None:
 
 def prepare(scale: dict, name: str, spec: dict, data_root: Path, work: Path) -> Path:
     data_dir = work / name / "data"
+    # Whole histories when they are ranked out; else what the jobs read: the training sequence
+    # keeps max_len + 1 after the split.
+    max_seq_len = 0 if excludes_seen(scale) else spec["max_len"] + 3
+    settings = {key: spec.get(key) for key in ("path", "format", "sample_users")}
+    keep_job_config({**settings, "max_seq_len": max_seq_len}, work / name / "configs/prepare.yaml")
     if (data_dir / "stats.json").is_file():
         return data_dir
     source = data_root / spec["path"]
@@ -159,9 +199,7 @@ def prepare(scale: dict, name: str, spec: dict, data_root: Path, work: Path) -> 
         "--output",
         str(data_dir),
         "--max-seq-len",
-        # Whole histories when they are ranked out; else what the jobs read: the training
-        # sequence keeps max_len + 1 after the split.
-        "0" if excludes_seen(scale) else str(spec["max_len"] + 3),
+        str(max_seq_len),
     ]
     run_job(command, work / name / "logs/prepare.log", {})
     return data_dir
@@ -171,8 +209,6 @@ def train_teacher(
     scale: dict, name: str, spec: dict, data_dir: Path, seed: int, work: Path
 ) -> Path:
     run_dir = work / name / f"teacher_s{seed}"
-    if (run_dir / "final/metrics.json").is_file():
-        return run_dir
     config = write_job_config(
         scale["teacher"]["config"],
         [*scale["teacher"]["overrides"], *spec.get("teacher_overrides", [])],
@@ -186,6 +222,8 @@ def train_teacher(
         },
         work / name / f"configs/teacher_s{seed}.yaml",
     )
+    if (run_dir / "final/metrics.json").is_file():
+        return run_dir
     resume = ["--resume"] if (run_dir / "checkpoints/latest").is_file() else []
     command, env = deepspeed_job(scale, "trainer/teacher.py", config, resume)
     run_job(command, work / name / f"logs/teacher_s{seed}.log", env, scale.get("job_timeout_s"))
@@ -196,8 +234,6 @@ def precompute_shards(
     scale: dict, name: str, spec: dict, data_dir: Path, teacher_dir: Path, work: Path
 ) -> Path:
     shard_dir = work / name / "shards"
-    if (shard_dir / "manifest.json").is_file():
-        return shard_dir
     config = write_job_config(
         scale["precompute"]["config"],
         scale["precompute"]["overrides"],
@@ -210,6 +246,8 @@ def precompute_shards(
         },
         work / name / "configs/precompute.yaml",
     )
+    if (shard_dir / "manifest.json").is_file():
+        return shard_dir
     command, env = deepspeed_job(scale, "trainer/precompute.py", config)  # resumes by itself
     run_job(command, work / name / "logs/precompute.log", env, scale.get("job_timeout_s"))
     return shard_dir
@@ -227,8 +265,6 @@ def train_student(
 ) -> Path:
     run_name = f"{student}_{variant}_s{seed}"
     run_dir = work / name / "students" / run_name
-    if (run_dir / "final/metrics.json").is_file():
-        return run_dir
     student_section = scale["students"][student]
     settings = {
         "data.dir": str(paths["data"]),
@@ -252,6 +288,8 @@ def train_student(
         settings,
         work / name / f"configs/{run_name}.yaml",
     )
+    if (run_dir / "final/metrics.json").is_file():
+        return run_dir
     command, env = distill_job(scale, config, resume=(run_dir / "checkpoints").is_dir())
     run_job(command, work / name / f"logs/{run_name}.log", env, scale.get("job_timeout_s"))
     return run_dir

@@ -33,7 +33,7 @@ from recdistill.trainer.config import load_config
 from recdistill.trainer.data.pipeline import load_sequences
 from recdistill.trainer.data.shard_stream import TeacherShardStream, make_loader
 from recdistill.trainer.data.shards import ITEM_TABLE_FILE, load_manifest
-from recdistill.trainer.evaluate import eval_examples, inference_speed, student_fns, teacher_fns
+from recdistill.trainer.evaluate import eval_split, inference_speed, student_fns, teacher_fns
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def history_length(work: Path) -> int:
 
 def inference(work: Path, device: torch.device, batch_size: int) -> dict:
     splits, _ = load_sequences(work / "data")
-    examples = eval_examples(splits, "test", history_length(work))
+    examples, _ = eval_split(splits, "test", history_length(work))
     models = {"teacher": teacher_fns(work / "teacher_s0/final", device)[1]}
     for run in sorted((work / "students").glob("*_plain_s0")):
         models[run.name.removesuffix("_plain_s0")] = student_fns(run / "final", device)[1]

@@ -22,9 +22,10 @@ class SASRecConfig:
     num_heads: int = 1
     dropout: float = 0.1
     max_len: int = 50
-    # None: item table N(0, hidden^-0.5), torch's defaults elsewhere. A float: every embedding
-    # and linear weight N(0, init_std), biases 0, as Klenitskiy & Vasilev's SASRec (0.02).
-    init_std: float | None = None
+    # Every embedding and linear weight N(0, init_std), biases 0, as Klenitskiy & Vasilev's
+    # SASRec: on all of ML-1M it learns several times faster than the earlier init (README,
+    # Benchmarks). None: that earlier init, item table N(0, hidden^-0.5), torch's defaults elsewhere.
+    init_std: float | None = 0.02
 
 
 class SASRecBlock(nn.Module):

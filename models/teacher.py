@@ -46,6 +46,11 @@ class TeacherConfig:
     backbone: dict  # a Hugging Face model config as a dict (`model_type` included)
     backbone_path: str | None = None  # local checkpoint for the backbone's initial weights
     item_dim: int = 64
+    # Item table N(0, item_init_std) at the start; None: N(0, item_dim^-0.5).
+    item_init_std: float | None = None
+    # Dropout on the projected item embeddings: a backbone trained from scratch on a small log
+    # (LLaMA has no hidden dropout) otherwise memorises it.
+    input_dropout: float = 0.0
     mode: str = "sequence"  # "sequence" | "prefix"
     prompt_prefix_ids: list[int] = field(default_factory=list)  # prefix mode: instruction tokens
     prompt_suffix_ids: list[int] = field(
@@ -130,7 +135,8 @@ class LLMRecTeacher(nn.Module):
         # parameters are partitioned when its __init__ returns, so an nn.init call afterwards
         # would silently do nothing (the table kept nn.Embedding's N(0, 1), 8x too large at
         # item_dim 64, and the teacher learned several times slower).
-        table = torch.randn(config.num_items + 1, config.item_dim) * config.item_dim**-0.5
+        std = config.item_dim**-0.5 if config.item_init_std is None else config.item_init_std
+        table = torch.randn(config.num_items + 1, config.item_dim) * std
         table[0] = 0.0  # padding
         self.item_embeddings = nn.Embedding(
             config.num_items + 1, config.item_dim, padding_idx=0, _weight=table
@@ -138,6 +144,7 @@ class LLMRecTeacher(nn.Module):
         self.item_embeddings.weight.requires_grad_(not config.freeze_item_embeddings)
         self.item_in_proj = nn.Linear(config.item_dim, config.hidden_size)
         self.user_out_proj = nn.Linear(config.hidden_size, config.item_dim)
+        self.input_dropout = nn.Dropout(config.input_dropout)
         self._register_item_table_for_zero3()
 
     def _register_item_table_for_zero3(self) -> None:
@@ -159,8 +166,8 @@ class LLMRecTeacher(nn.Module):
         self, item_ids: torch.Tensor, lengths: torch.Tensor, item_table: torch.Tensor | None = None
     ):
         """inputs_embeds [B, T, H], attention mask [B, T], index of each item position [L]."""
-        item_embeds = self.item_in_proj(
-            embed(item_ids, self.item_embeddings, item_table)
+        item_embeds = self.input_dropout(
+            self.item_in_proj(embed(item_ids, self.item_embeddings, item_table))
         )  # [B, L, H]
         batch, max_len = item_ids.shape
         positions = torch.arange(max_len, device=item_ids.device)

@@ -114,12 +114,13 @@ def test_quality_and_speed_end_to_end(tmp_path):
         assert all(0.0 <= values[m]["mean"] <= 1.0 for m in quality.METRICS)
     # Whole histories were prepared (longer than the 10-item window) and ranked out, popularity too.
     from recdistill.trainer.data.pipeline import load_sequences
-    from recdistill.trainer.evaluate import eval_examples, popularity_metrics, seen_items
+    from recdistill.trainer.evaluate import eval_split, popularity_metrics
 
     splits, stats = load_sequences(work / "toy/data")
     assert max(len(h) for h in splits["test"]["history"]) > 10
-    train_items, examples = list(splits["train"]["items"]), eval_examples(splits, "test", 10)
-    unseen = popularity_metrics(train_items, examples, stats["items"], seen_items(splits, "test"))
+    train_items = list(splits["train"]["items"])
+    examples, seen = eval_split(splits, "test", 10, exclude_history=True)
+    unseen = popularity_metrics(train_items, examples, stats["items"], seen)
     everything = popularity_metrics(train_items, examples, stats["items"])
     assert rows["popularity"]["ndcg@10"]["mean"] == pytest.approx(unseen["ndcg@10"])
     assert unseen["ndcg@10"] != pytest.approx(everything["ndcg@10"])
@@ -234,3 +235,32 @@ def test_job_past_its_timeout_is_ended_and_named(tmp_path):
     message = str(failure.value)
     assert "job_timeout_s=3 s" in message and str(log) in message and "step 1" in message
     assert "teacher_s0" not in quality.JOB_SECONDS
+
+
+def test_changed_scale_is_refused_not_reused(tmp_path):
+    """A rerun reuses finished runs and resumes started ones, so a job whose settings changed
+    since they were written (an edited scale file) stops with the keys that changed."""
+    from recdistill.trainer import distill
+
+    config_path = tmp_path / "work/toy/configs/sasrec_plain_s0.yaml"
+    write = lambda overrides: quality.write_job_config(  # noqa: E731
+        "configs/distill_demo.yaml", overrides, distill.DEFAULTS, {"train.seed": 0}, config_path
+    )
+    write(["train.lr=0.005"])
+    written = config_path.read_text()
+    assert write(["train.lr=0.005"]) == config_path  # the same job: reused
+    with pytest.raises(SystemExit, match=r"train\.lr: 0\.005 -> 0\.001.*--work NEW_FOLDER"):
+        write(["train.lr=0.001"])
+    assert config_path.read_text() == written  # the earlier record is kept
+    # an option the earlier version did not have is not a change
+    assert quality.differences({"a": 1}, {"a": 1, "new_option": None}) == []
+
+    data_root, work = tmp_path / "data", tmp_path / "work"
+    (data_root / "toy").mkdir(parents=True)
+    _markov_log(data_root / "toy/log.txt", users=30, items=20)
+    spec = {"path": "toy/log.txt", "format": "lines", "max_len": 5}
+    data_dir = quality.prepare({"exclude_seen": False}, "toy", spec, data_root, work)
+    stats = (data_dir / "stats.json").read_text()
+    with pytest.raises(SystemExit, match=r"max_seq_len: 8 -> 0"):
+        quality.prepare({"exclude_seen": True}, "toy", spec, data_root, work)
+    assert (data_dir / "stats.json").read_text() == stats

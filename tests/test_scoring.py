@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from recdistill.models.scoring import catalogue_cross_entropy, catalogue_stats
-from recdistill.trainer.evaluate import eval_examples, popularity_metrics, ranking_sums, seen_items
+from recdistill.trainer.evaluate import eval_split, popularity_metrics, ranking_sums
 from recdistill.trainer.metrics import finalize, metric_sums
 
 
@@ -103,11 +103,12 @@ def test_exclude_seen_ranks_out_the_whole_history_not_only_the_window():
     # last item (max_len 1); the target is 3.
     table = torch.tensor([[0.0, 0.0], [4.0, 0.0], [3.0, 0.0], [2.0, 0.0], [1.0, 0.0]])
     splits = {"test": {"history": [[1, 2]], "target": [3]}}
-    examples = eval_examples(splits, "test", max_len=1)
-    assert examples == [([2], 3)]
+    examples, seen = eval_split(splits, "test", max_len=1, exclude_history=True)
+    assert examples == [([2], 3)] and seen == [[1, 2]]
+    assert eval_split(splits, "test", max_len=1)[1] is None
     rank_fn = _fixed_score_rank_fn(table)
     everything = finalize(ranking_sums(rank_fn, examples, 4, "cpu"))
-    unseen = finalize(ranking_sums(rank_fn, examples, 4, "cpu", seen=seen_items(splits, "test")))
+    unseen = finalize(ranking_sums(rank_fn, examples, 4, "cpu", seen=seen))
     assert everything["mrr"] == pytest.approx(1 / 3)  # items 1 and 2 outrank the target
     assert unseen["mrr"] == pytest.approx(1.0)  # both seen: the target is first
     assert unseen["ndcg@10"] == pytest.approx(1.0) and everything["ndcg@10"] == pytest.approx(0.5)

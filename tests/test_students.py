@@ -92,8 +92,8 @@ def test_inputs_from_an_external_item_table(architecture):
 def test_sasrec_init_std():
     config_class, model_class = STUDENTS["sasrec"]
     torch.manual_seed(0)
-    default = model_class(config_class(num_items=2000, max_len=12))
-    small = model_class(config_class(num_items=2000, max_len=12, init_std=0.02))
+    default = model_class(config_class(num_items=2000, max_len=12, init_std=None))
+    small = model_class(config_class(num_items=2000, max_len=12))  # the default: 0.02
     std = lambda tensor: float(tensor.detach().std())  # noqa: E731
     assert std(default.item_embeddings.weight) == pytest.approx(64**-0.5, rel=0.05)
     assert std(small.item_embeddings.weight[1:]) == pytest.approx(0.02, rel=0.05)

@@ -134,6 +134,22 @@ def test_pretrained_item_table_is_loaded_and_can_be_frozen(tmp_path):
         load_item_embeddings(model, str(tmp_path / "wrong.safetensors"))
 
 
+def test_item_init_std_and_input_dropout():
+    default, small = tiny_teacher(), tiny_teacher(item_init_std=0.02)
+    assert float(default.item_embeddings.weight[1:].std()) == pytest.approx(16**-0.5, rel=0.2)
+    assert float(small.item_embeddings.weight[1:].std()) == pytest.approx(0.02, rel=0.2)
+    assert small.item_embeddings.weight[0].abs().sum() == 0  # padding row
+
+    model = tiny_teacher(input_dropout=0.5)
+    batch = sequence_batch([[3, 4, 5, 6, 7], [9, 10]])
+    evaluated = model(batch["item_ids"], batch["lengths"]).user_reps
+    torch.testing.assert_close(evaluated, model(batch["item_ids"], batch["lengths"]).user_reps)
+    model.train()  # dropped inputs in training only
+    assert not torch.allclose(model(batch["item_ids"], batch["lengths"]).user_reps, evaluated)
+    unchanged = tiny_teacher(input_dropout=0.0).train()(**batch).loss
+    assert float(unchanged) == pytest.approx(float(tiny_teacher()(**batch).loss))
+
+
 def test_item_table_initialised_under_zero3():
     """zero.Init partitions parameters as each module is built; an init applied afterwards is
     lost. The table must come out N(0, item_dim^-1/2) with a zero padding row under ZeRO-3 too."""

@@ -39,7 +39,7 @@ from recdistill.trainer.config import load_config, start_run_dir
 from recdistill.trainer.data.pipeline import load_sequences
 from recdistill.trainer.data.shard_stream import TeacherShardStream, make_loader
 from recdistill.trainer.data.shards import ITEM_TABLE_FILE, ShardError, load_manifest, sha256_file
-from recdistill.trainer.evaluate import all_reduce_sums, eval_examples, ranking_sums, seen_items
+from recdistill.trainer.evaluate import all_reduce_sums, eval_split, ranking_sums
 from recdistill.trainer.metrics import finalize
 from recdistill.trainer.requeue import stop_requested
 from recdistill.trainer.shutdown import run_and_exit
@@ -331,11 +331,9 @@ def main(argv=None) -> int:
     manifest = load_manifest(shard_dir)
     splits, stats = load_sequences(data_cfg["dir"])
     check_shards_match_data(shard_dir, manifest, stats, shard_cfg["verify_checksums"])
-    valid_examples = eval_examples(splits, "valid", data_cfg["max_len"])
-    test_examples = eval_examples(splits, "test", data_cfg["max_len"])
-    exclude_seen = train_cfg["eval_exclude_history"]
-    valid_seen = seen_items(splits, "valid") if exclude_seen else None
-    test_seen = seen_items(splits, "test") if exclude_seen else None
+    max_len, exclude_history = data_cfg["max_len"], train_cfg["eval_exclude_history"]
+    valid_examples, valid_seen = eval_split(splits, "valid", max_len, exclude_history)
+    test_examples, test_seen = eval_split(splits, "test", max_len, exclude_history)
 
     student = build_student(cfg["student"], stats["items"], data_cfg["max_len"])
     teacher_table = (

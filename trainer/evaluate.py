@@ -32,16 +32,16 @@ RankFn = Callable[
 ]  # ids, lengths, targets, excluded ids ([B, S], 0 = none, or None) -> ranks
 
 
-def eval_examples(splits, split: str, max_len: int) -> list[tuple[list[int], int]]:
-    return [
-        (history[-max_len:], target)
-        for history, target in zip(splits[split]["history"], splits[split]["target"])
+def eval_split(
+    splits, split: str, max_len: int, exclude_history: bool = False
+) -> tuple[list[tuple[list[int], int]], list | None]:
+    """(last max_len history items, target) per user of a split, and, when the history is ranked
+    out (--exclude-seen), each user's whole history before the target, else None."""
+    histories = list(splits[split]["history"])  # one conversion from Arrow serves both
+    examples = [
+        (history[-max_len:], target) for history, target in zip(histories, splits[split]["target"])
     ]
-
-
-def seen_items(splits, split: str) -> list:
-    """Each user's whole history before the split's target: what --exclude-seen leaves out."""
-    return list(splits[split]["history"])
+    return examples, histories if exclude_history else None
 
 
 def ranking_sums(
@@ -55,7 +55,7 @@ def ranking_sums(
 ) -> dict:
     """Metric sums of this rank's share; every rank runs the same number of batches (padding
     rows weigh 0), so a ZeRO-3 teacher never deadlocks. Add the sums over ranks, then finalize.
-    `seen` (one item list per example): items ranked out, e.g. `seen_items`."""
+    `seen` (one item list per example): items ranked out, e.g. from `eval_split`."""
     indices, weights = even_shard(len(examples), world, rank, batch_size)
     totals: dict[str, float] = {}
     for start in range(0, len(indices), batch_size):
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     splits, stats = load_sequences(args.data)
-    examples = eval_examples(splits, args.split, args.max_len)
+    examples, seen = eval_split(splits, args.split, args.max_len, args.exclude_seen)
     models = [
         (
             Path(s).name if Path(s).name != "final" else Path(s).parent.name,
@@ -244,7 +244,6 @@ def main(argv=None) -> int:
     ]
     if args.teacher:
         models.append(("teacher", teacher_fns(Path(args.teacher), device)))
-    seen = seen_items(splits, args.split) if args.exclude_seen else None
     report = {
         "split": args.split,
         "users": len(examples),

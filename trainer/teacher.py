@@ -45,10 +45,9 @@ from recdistill.trainer.data.pipeline import ITEM_MAP_FILE, load_sequences
 from recdistill.trainer.deepspeed_host import init_distributed
 from recdistill.trainer.evaluate import (
     all_reduce_sums,
-    eval_examples,
+    eval_split,
     popularity_metrics,
     ranking_sums,
-    seen_items,
 )
 from recdistill.trainer.metrics import finalize
 from recdistill.trainer.requeue import stop_requested
@@ -65,6 +64,8 @@ DEFAULTS: dict = {
         "backbone": {},  # HF config dict for a backbone built from scratch (tests, demo)
         "backbone_path": None,  # local HF checkpoint (e.g. a LLaMA-2-7B folder); wins over `backbone`
         "item_dim": 64,
+        "item_init_std": None,  # item table N(0, this) at the start; null: N(0, item_dim^-0.5)
+        "input_dropout": 0.0,  # dropout on the projected item embeddings (from-scratch backbones)
         "item_embeddings": None,  # safetensors file with an [N+1, item_dim] table `weight` (e.g. SASRec's)
         "freeze_item_embeddings": False,
         "lora": None,  # {r, alpha, dropout, target_modules}
@@ -125,8 +126,8 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
 
 
-def build_examples(splits, data_cfg: dict) -> tuple[list, list, list]:
-    """Training examples for the mode, and (history, target) pairs of validation and test."""
+def build_examples(splits, data_cfg: dict) -> list:
+    """Training examples for the mode: whole windows (sequence) or (prefix, next item) pairs."""
     max_len = data_cfg["max_len"]
     train_items = [items for items in splits["train"]["items"] if len(items) >= 2]
     if data_cfg["mode"] == "sequence":
@@ -137,7 +138,7 @@ def build_examples(splits, data_cfg: dict) -> tuple[list, list, list]:
             for items in train_items
             for t in select_prefixes(len(items), data_cfg["prefixes"])
         ]
-    return train, eval_examples(splits, "valid", max_len), eval_examples(splits, "test", max_len)
+    return train
 
 
 def collate(examples: list, mode: str, device) -> dict:
@@ -175,6 +176,8 @@ def teacher_config(model_cfg: dict, data_cfg: dict, num_items: int) -> TeacherCo
         backbone=backbone,
         backbone_path=model_cfg["backbone_path"],
         item_dim=model_cfg["item_dim"],
+        item_init_std=model_cfg["item_init_std"],
+        input_dropout=model_cfg["input_dropout"],
         mode=data_cfg["mode"],
         prompt_prefix_ids=prefix_ids,
         prompt_suffix_ids=suffix_ids,
@@ -296,10 +299,10 @@ def main(argv=None) -> int:
     dist.barrier()
 
     splits, stats = load_sequences(data_cfg["dir"])
-    train_examples, valid_examples, test_examples = build_examples(splits, data_cfg)
-    exclude_seen = train_cfg["eval_exclude_history"]
-    valid_seen = seen_items(splits, "valid") if exclude_seen else None
-    test_seen = seen_items(splits, "test") if exclude_seen else None
+    train_examples = build_examples(splits, data_cfg)
+    max_len, exclude_history = data_cfg["max_len"], train_cfg["eval_exclude_history"]
+    valid_examples, valid_seen = eval_split(splits, "valid", max_len, exclude_history)
+    test_examples, test_seen = eval_split(splits, "test", max_len, exclude_history)
     global_batch = train_cfg["micro_batch_size"] * train_cfg["grad_accum"] * world
     steps_per_epoch = len(train_examples) // global_batch
     if steps_per_epoch == 0:
