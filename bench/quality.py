@@ -305,13 +305,22 @@ def summarize(values: list[float]) -> dict:
 
 
 def validation_curve(run_dir: Path, examples_per_step: int) -> list[tuple[int, float]]:
-    """(training examples seen, validation NDCG@10) from a job's metrics.jsonl."""
-    points = []
+    """(training examples seen, validation NDCG@10) from a job's metrics.jsonl, or from its
+    TensorBoard events for students trained before distill.py wrote validation there too."""
+    by_step = {}  # a resumed job re-runs the steps after its checkpoint: the last record wins
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if "valid/ndcg@10" in record:
-            points.append((record["step"] * examples_per_step, record["valid/ndcg@10"]))
-    return points
+            by_step[record["step"]] = record["valid/ndcg@10"]
+    steps = sorted(by_step.items())
+    if not steps and (run_dir / "tensorboard").is_dir():
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run_dir / "tensorboard"))
+        events.Reload()
+        if "valid/ndcg@10" in events.Tags()["scalars"]:
+            steps = [(e.step, e.value) for e in events.Scalars("valid/ndcg@10")]
+    return [(step * examples_per_step, value) for step, value in steps]
 
 
 def examples_per_step(run_dir: Path, kind: str, ranks: int) -> int:

@@ -126,7 +126,10 @@ def test_quality_and_speed_end_to_end(tmp_path):
     assert unseen["ndcg@10"] != pytest.approx(everything["ndcg@10"])
     # two epochs already beat popularity on the item graph
     assert rows["sasrec/plain"]["ndcg@10"]["mean"] > 1.2 * rows["popularity"]["ndcg@10"]["mean"]
-    assert report["datasets"]["toy"]["curves"]["teacher"]  # validation points were logged
+    curves = report["datasets"]["toy"]["curves"]  # validation points were logged, every run
+    assert curves["teacher"] and all(
+        curves[f"{s}/{v}"] for s in ("sasrec", "gru4rec") for v in ("plain", "both")
+    )
     assert (results / "curves_toy_toy.png").stat().st_size > 10_000
     assert "| sasrec/both |" in (results / "quality_toy.md").read_text()
 
@@ -264,3 +267,25 @@ def test_changed_scale_is_refused_not_reused(tmp_path):
     with pytest.raises(SystemExit, match=r"max_seq_len: 8 -> 0"):
         quality.prepare({"exclude_seen": True}, "toy", spec, data_root, work)
     assert (data_dir / "stats.json").read_text() == stats
+
+
+def test_validation_curve_from_metrics_or_older_runs_tensorboard(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    current, older = tmp_path / "current", tmp_path / "older"
+    current.mkdir()
+    lines = [
+        {"step": 1, "terms": {"total": 5.0}},
+        {"step": 4, "valid/ndcg@10": 0.2},
+        {"step": 8, "valid/ndcg@10": 0.3},
+        {"step": 4, "valid/ndcg@10": 0.25},  # resumed from step 2: step 4 ran again
+    ]
+    (current / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert quality.validation_curve(current, 64) == [(256, 0.25), (512, 0.3)]
+    # a student from before distill.py wrote validation to metrics.jsonl: TensorBoard only
+    older.mkdir()
+    (older / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    with SummaryWriter(str(older / "tensorboard")) as writer:
+        for step, value in ((2, 0.5), (4, 0.75)):
+            writer.add_scalar("valid/ndcg@10", value, step)
+    assert quality.validation_curve(older, 10) == [(20, 0.5), (40, 0.75)]

@@ -484,7 +484,11 @@ def main(argv=None) -> int:
                     handle.write(json.dumps({"step": step, "terms": reduced}) + "\n")
             if step % train_cfg["eval_every"] == 0 or step == total_steps:
                 valid = evaluate_split(valid_examples, valid_seen)
-                accelerator.log({f"valid/{k}": v for k, v in valid.items()}, step=step)
+                valid_record = {f"valid/{k}": v for k, v in valid.items()}
+                accelerator.log(valid_record, step=step)
+                if accelerator.is_main_process:  # the learning curve, beside the loss terms
+                    with open(output_dir / "metrics.jsonl", "a") as handle:
+                        handle.write(json.dumps({"step": step, **valid_record}) + "\n")
                 if valid["ndcg@10"] > s["best_ndcg"]:
                     s["best_ndcg"], s["bad_evals"] = valid["ndcg@10"], 0
                     if accelerator.is_main_process:
