@@ -15,6 +15,7 @@ need no correction and no attention row is fully masked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +52,8 @@ class TeacherConfig:
     # Dropout on the projected item embeddings: a backbone trained from scratch on a small log
     # (LLaMA has no hidden dropout) otherwise memorises it.
     input_dropout: float = 0.0
+    # user_out_proj starts as the transpose of item_in_proj (orthonormal): see _tie_projections.
+    tied_projection_init: bool = False
     mode: str = "sequence"  # "sequence" | "prefix"
     prompt_prefix_ids: list[int] = field(default_factory=list)  # prefix mode: instruction tokens
     prompt_suffix_ids: list[int] = field(
@@ -67,13 +70,18 @@ class TeacherConfig:
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
 
+    def backbone_config(self):
+        """The backbone's HF config object: families name their sizes differently in config.json
+        (GPT-2: n_embd, n_layer), the config object answers hidden_size / num_hidden_layers."""
+        return AutoConfig.for_model(**self.backbone)
+
     @property
     def hidden_size(self) -> int:
-        return self.backbone["hidden_size"]
+        return self.backbone_config().hidden_size
 
     @property
     def num_layers(self) -> int:
-        return self.backbone["num_hidden_layers"]
+        return self.backbone_config().num_hidden_layers
 
 
 @dataclass
@@ -97,8 +105,7 @@ def build_backbone(config: TeacherConfig, load_weights: bool) -> nn.Module:
     if load_weights and config.backbone_path:
         backbone = AutoModel.from_pretrained(config.backbone_path, local_files_only=True)
     else:
-        hf_config = dict(config.backbone)
-        backbone = AutoModel.from_config(AutoConfig.for_model(**hf_config))
+        backbone = AutoModel.from_config(config.backbone_config())
     backbone.get_input_embeddings().weight.requires_grad_(False)  # text embeddings stay as they are
     if config.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(
@@ -126,6 +133,16 @@ def import_backbone_modules(config: TeacherConfig) -> None:
     MODEL_MAPPING[type(AutoConfig.for_model(**config.backbone))]
 
 
+def gathered_for_init(params: list[nn.Parameter]):
+    """Under ZeRO-3 (parameters already partitioned): gather them whole, let rank 0 set them and
+    partition its values again; otherwise nothing to do."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
 class LLMRecTeacher(nn.Module):
     def __init__(self, config: TeacherConfig, load_backbone_weights: bool = True):
         super().__init__()
@@ -145,7 +162,24 @@ class LLMRecTeacher(nn.Module):
         self.item_in_proj = nn.Linear(config.item_dim, config.hidden_size)
         self.user_out_proj = nn.Linear(config.hidden_size, config.item_dim)
         self.input_dropout = nn.Dropout(config.input_dropout)
+        if config.tied_projection_init:
+            self._tie_projections()
         self._register_item_table_for_zero3()
+
+    def _tie_projections(self) -> None:
+        # SASRec scores with the table it reads, so through the residual stream an item scores
+        # the items like it from the first step. Two independent random projections hide that
+        # prior until it is learned; W_out = W_in^T (orthonormal columns, zero biases) keeps it.
+        projections = [self.item_in_proj, self.user_out_proj]
+        params = [p for layer in projections for p in (layer.weight, layer.bias)]
+        with gathered_for_init(params):
+            w_in = torch.empty(self.config.hidden_size, self.config.item_dim)
+            nn.init.orthogonal_(w_in)
+            with torch.no_grad():
+                self.item_in_proj.weight.copy_(w_in)
+                self.user_out_proj.weight.copy_(w_in.T)
+                self.item_in_proj.bias.zero_()
+                self.user_out_proj.bias.zero_()
 
     def _register_item_table_for_zero3(self) -> None:
         # The item table is also read outside nn.Embedding.forward (to score the catalogue).

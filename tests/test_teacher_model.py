@@ -159,3 +159,65 @@ def test_item_table_initialised_under_zero3():
     stats = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
     assert abs(stats["std"] - 64**-0.5) < 0.1 * 64**-0.5, stats
     assert stats["padding_max"] == 0.0
+    # tied_projection_init survives zero.Init too (set on rank 0, partitioned again)
+    assert stats["tied_error"] == 0.0 and stats["bias_max"] == 0.0, stats
+    assert stats["gram_error"] < 1e-5, stats
+
+
+def test_tied_projection_init_maps_an_item_back_to_itself():
+    model = tiny_teacher(tied_projection_init=True)  # hidden 32 >= item_dim 16
+    w_in, w_out = model.item_in_proj.weight, model.user_out_proj.weight
+    torch.testing.assert_close(w_out, w_in.T)
+    table = model.item_table().detach()
+    round_trip = model.user_out_proj(model.item_in_proj(table))  # orthonormal columns: identity
+    torch.testing.assert_close(round_trip, table, atol=1e-5, rtol=1e-5)
+    untied = tiny_teacher()
+    assert not torch.allclose(untied.user_out_proj.weight, untied.item_in_proj.weight.T)
+
+
+TINY_BACKBONES = {  # other families than LLaMA: "any Hugging Face causal LM"
+    "gpt2": {
+        "model_type": "gpt2",
+        "n_embd": 32,
+        "n_layer": 3,
+        "n_head": 4,
+        "n_positions": 64,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    },
+    "qwen2": {**TINY_LLAMA, "model_type": "qwen2"},
+    "mistral": {**TINY_LLAMA, "model_type": "mistral"},
+}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_BACKBONES))
+def test_other_backbone_families_train_pad_and_round_trip(family, tmp_path):
+    torch.manual_seed(0)
+    backbone = {**TINY_BACKBONES[family], "vocab_size": 16}
+    model = LLMRecTeacher(TeacherConfig(num_items=40, backbone=backbone, item_dim=16))
+    seqs = [[3, 4, 5, 6, 7], [9, 10]]
+    batch = sequence_batch(seqs)
+    model.eval()
+    out = model(batch["item_ids"], batch["lengths"], hidden_layers=(1, 3))
+    alone = model(*pad_right([seqs[1][:-1]]))
+    torch.testing.assert_close(out.user_reps[1, :1], alone.user_reps[0, :1], atol=1e-5, rtol=1e-5)
+    assert out.hidden_states[3].shape == (2, 4, 32)  # SLMRec aligns these with the student
+
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = LLMRecTeacher.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(
+        loaded(batch["item_ids"], batch["lengths"]).user_reps,
+        model(batch["item_ids"], batch["lengths"]).user_reps,
+    )

@@ -66,6 +66,7 @@ DEFAULTS: dict = {
         "item_dim": 64,
         "item_init_std": None,  # item table N(0, this) at the start; null: N(0, item_dim^-0.5)
         "input_dropout": 0.0,  # dropout on the projected item embeddings (from-scratch backbones)
+        "tied_projection_init": False,  # user_out_proj starts as item_in_proj transposed
         "item_embeddings": None,  # safetensors file with an [N+1, item_dim] table `weight` (e.g. SASRec's)
         "freeze_item_embeddings": False,
         "lora": None,  # {r, alpha, dropout, target_modules}
@@ -178,6 +179,7 @@ def teacher_config(model_cfg: dict, data_cfg: dict, num_items: int) -> TeacherCo
         item_dim=model_cfg["item_dim"],
         item_init_std=model_cfg["item_init_std"],
         input_dropout=model_cfg["input_dropout"],
+        tied_projection_init=model_cfg["tied_projection_init"],
         mode=data_cfg["mode"],
         prompt_prefix_ids=prefix_ids,
         prompt_suffix_ids=suffix_ids,

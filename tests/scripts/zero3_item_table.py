@@ -1,5 +1,6 @@
 """Build a teacher under DeepSpeed's zero.Init (as trainer/teacher.py does) and print the
-gathered item table's statistics as JSON from rank 0; tests/test_teacher_model.py checks them."""
+gathered item table's and projections' statistics as JSON from rank 0;
+tests/test_teacher_model.py checks them."""
 
 import json
 
@@ -22,14 +23,28 @@ config = TeacherConfig(
         "max_position_embeddings": 32,
     },
     item_dim=64,
+    tied_projection_init=True,
 )
 ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
 import_backbone_modules(config)
 with deepspeed.zero.Init(config_dict_or_path=ds_config):
     model = LLMRecTeacher(config)
-weight = model.item_embeddings.weight
-with deepspeed.zero.GatheredParameters([weight]):
-    table = weight.detach().clone()
+params = [
+    model.item_embeddings.weight,
+    model.item_in_proj.weight,
+    model.user_out_proj.weight,
+    model.item_in_proj.bias,
+]
+with deepspeed.zero.GatheredParameters(params):
+    table, w_in, w_out, bias = (p.detach().clone() for p in params)
 if torch.distributed.get_rank() == 0:
-    print(json.dumps({"std": table[1:].std().item(), "padding_max": table[0].abs().max().item()}))
+    stats = {
+        "std": table[1:].std().item(),
+        "padding_max": table[0].abs().max().item(),
+        "tied_error": (w_out - w_in.T).abs().max().item(),
+        # hidden 32 < item_dim 64: the rows of W_in [32, 64] are orthonormal
+        "gram_error": (w_in @ w_in.T - torch.eye(32)).abs().max().item(),
+        "bias_max": bias.abs().max().item(),
+    }
+    print(json.dumps(stats))
 torch.distributed.destroy_process_group()
