@@ -1,6 +1,6 @@
 """Quality on real data: popularity, the teacher, and four students with and without distillation.
 
-    python bench/quality.py --scale cpu      # reduced scale, 2-core CPU, under an hour
+    python bench/quality.py --scale cpu      # reduced scale, 2-core CPU, about an hour
     python bench/quality.py --scale gpu      # full scale on a GPU machine, same pipeline
     python bench/quality.py --scale cpu --datasets ml-1m --students sasrec --variants plain --seeds 0
 
@@ -452,6 +452,7 @@ def plot_curves(report: dict, scale_name: str, results: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     written = []
     for name, result in report["datasets"].items():
@@ -467,6 +468,9 @@ def plot_curves(report: dict, scale_name: str, results: Path) -> list[Path]:
                     axis.plot(*zip(*points), marker=".", label=row.split("/")[1])
             axis.set_title(f"{name}: {student}")
             axis.set_xlabel("training examples seen")
+            axis.xaxis.set_major_formatter(  # 35000 -> 35k: long tick labels ran together
+                FuncFormatter(lambda x, _: f"{x / 1000:g}k" if x else "0")
+            )
             axis.set_ylabel("validation NDCG@10")
             axis.grid(alpha=0.3)
         axes[0][0].legend(fontsize=8)
