@@ -130,7 +130,7 @@ def import_backbone_modules(config: TeacherConfig) -> None:
     import torch._dynamo  # noqa: F401
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    MODEL_MAPPING[type(AutoConfig.for_model(**config.backbone))]
+    MODEL_MAPPING[type(config.backbone_config())]
 
 
 def gathered_for_init(params: list[nn.Parameter]):

@@ -405,6 +405,11 @@ def main(argv=None) -> int:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
+    def write_metrics(record: dict) -> None:
+        if accelerator.is_main_process:  # one line per record: every term every step, validations
+            with open(output_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
     def evaluate_split(examples: list, seen: list | None) -> dict:
         model.eval()
         sums = ranking_sums(
@@ -472,23 +477,18 @@ def main(argv=None) -> int:
                 skipped = torch.tensor(s["skipped_shards"], device=accelerator.device)
                 record["skipped_shards"] = int(accelerator.reduce(skipped, reduction="sum").item())
                 accelerator.log(record, step=step)
-                if accelerator.is_main_process:
-                    with open(output_dir / "metrics.jsonl", "a") as handle:
-                        handle.write(json.dumps({"step": step, "terms": reduced, **record}) + "\n")
+                write_metrics({"step": step, "terms": reduced, **record})
                 progress.set_postfix(
                     loss=f"{record['loss/total']:.4f}", samples_s=f"{record['samples_per_s']:.0f}"
                 )
                 window = {"started": time.perf_counter(), "samples": 0, "terms": {}}
-            elif accelerator.is_main_process:
-                with open(output_dir / "metrics.jsonl", "a") as handle:
-                    handle.write(json.dumps({"step": step, "terms": reduced}) + "\n")
+            else:
+                write_metrics({"step": step, "terms": reduced})
             if step % train_cfg["eval_every"] == 0 or step == total_steps:
                 valid = evaluate_split(valid_examples, valid_seen)
                 valid_record = {f"valid/{k}": v for k, v in valid.items()}
                 accelerator.log(valid_record, step=step)
-                if accelerator.is_main_process:  # the learning curve, beside the loss terms
-                    with open(output_dir / "metrics.jsonl", "a") as handle:
-                        handle.write(json.dumps({"step": step, **valid_record}) + "\n")
+                write_metrics({"step": step, **valid_record})  # the curve, beside the terms
                 if valid["ndcg@10"] > s["best_ndcg"]:
                     s["best_ndcg"], s["bad_evals"] = valid["ndcg@10"], 0
                     if accelerator.is_main_process:
