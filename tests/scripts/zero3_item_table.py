@@ -47,4 +47,7 @@ if torch.distributed.get_rank() == 0:
         "bias_max": bias.abs().max().item(),
     }
     print(json.dumps(stats))
+# Both ranks reach teardown together: one rank destroying its group while the other is still
+# printing aborted the process at exit once ("terminate called without an active exception").
+torch.distributed.barrier()
 torch.distributed.destroy_process_group()
