@@ -10,7 +10,8 @@ For every dataset of the scale file (bench/configs/SCALE.yaml) found under --dat
 2. fine-tune the teacher once per seed with trainer/teacher.py under the deepspeed launcher;
 3. precompute the seed-0 teacher's shards with trainer/precompute.py;
 4. train every student x variant x seed with trainer/distill.py (variants: plain = next-item
-   cross-entropy only, dllm2rec, slmrec, both; the same overrides as the demo's).
+   cross-entropy only, dllm2rec, slmrec, both; the same overrides as the demo's), the scale's
+   `student_jobs` of them side by side (cpu: 2, one torch thread each).
 Every job is the real job script run as its own process, with its config written into its run
 folder under --work; a finished run is reused, so an interrupted benchmark continues where it
 stopped. A job whose config differs from the one an earlier invocation wrote there (an edited
@@ -27,9 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 METRICS = ("hr@10", "ndcg@10", "mrr")
 JOB_SECONDS: dict[str, float] = {}  # log name -> wall seconds of the jobs this invocation ran
+SECONDS_LOCK = threading.Lock()  # student jobs run side by side and share seconds.json
 
 
 # ---- configuration -------------------------------------------------------------------------
@@ -138,11 +143,18 @@ def run_job(command: list[str], log_path: Path, env: dict, timeout: float | None
         raise SystemExit(f"{tail}\nbench: job failed ({failure}); log: {log_path}")
     seconds = time.perf_counter() - started
     JOB_SECONDS[log_path.stem] = round(seconds, 1)
-    # Kept beside the logs across invocations, so a resumed benchmark still reports its total.
-    record = log_path.parent / "seconds.json"
-    times = json.loads(record.read_text()) if record.is_file() else {}
-    record.write_text(json.dumps({**times, log_path.stem: round(seconds, 1)}, indent=1) + "\n")
+    record_seconds(log_path.parent / "seconds.json", log_path.stem, seconds)
     return seconds
+
+
+def record_seconds(record: Path, key: str, seconds: float, add: bool = False) -> None:
+    """Kept beside the logs across invocations, so a resumed benchmark still reports its total
+    (`add`: this invocation's seconds are added to the earlier ones')."""
+    with SECONDS_LOCK:
+        times = json.loads(record.read_text()) if record.is_file() else {}
+        times[key] = round(seconds + (times.get(key, 0.0) if add else 0.0), 1)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(times, indent=1) + "\n")
 
 
 def deepspeed_job(scale: dict, script: str, config: Path, extra: list[str] | None = None):
@@ -276,6 +288,10 @@ def train_student(
         "train.seed": seed,
         "train.eval_exclude_history": excludes_seen(scale),
     }
+    if scale["device"] == "cpu" and student_jobs(scale) > 1:  # side by side jobs share the cores
+        settings["train.cpu_threads"] = max(
+            1, (os.cpu_count() or 1) // (student_jobs(scale) * scale["student_processes"])
+        )
     config = write_job_config(
         scale["distill"]["config"],
         [
@@ -293,6 +309,33 @@ def train_student(
     command, env = distill_job(scale, config, resume=(run_dir / "checkpoints").is_dir())
     run_job(command, work / name / f"logs/{run_name}.log", env, scale.get("job_timeout_s"))
     return run_dir
+
+
+def student_jobs(scale: dict) -> int:
+    return int(scale.get("student_jobs", 1))
+
+
+def train_students(
+    scale: dict, name: str, spec: dict, paths: dict, runs: list, work: Path, progress: tqdm
+) -> None:
+    """Every (student, variant, seed) of one dataset, `student_jobs` of them at a time: the jobs
+    are independent, and on a 2-core CPU two one-thread jobs finish sooner than one after another
+    with two threads each (small models leave the second core idle much of the time)."""
+    started = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=student_jobs(scale))
+    futures = {
+        pool.submit(train_student, scale, name, spec, paths, *run, work): run for run in runs
+    }
+    try:
+        for future in as_completed(futures):
+            future.result()  # a failed job ends the benchmark: queued jobs are dropped
+            progress.set_postfix_str(f"{name} student " + " ".join(map(str, futures[future])))
+            progress.update()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # running jobs finish and are kept
+        record_seconds(
+            work / name / "logs/seconds.json", "students_wall", time.perf_counter() - started, True
+        )
 
 
 # ---- results -------------------------------------------------------------------------------
@@ -362,11 +405,11 @@ def collect(
         stage: round(sum(v for k, v in times.items() if k.startswith(prefix)) / 60, 1)
         for stage, prefix in (("teacher", "teacher_"), ("precompute", "precompute"))
     }
-    stage_minutes["students"] = round(
-        sum(v for k, v in times.items() if not k.startswith(("teacher_", "precompute", "prepare")))
-        / 60,
-        1,
+    # Wall time of the student stage: its jobs may run side by side (`student_jobs`).
+    student_seconds = times.get("students_wall") or sum(
+        v for k, v in times.items() if not k.startswith(("teacher_", "precompute", "prepare"))
     )
+    stage_minutes["students"] = round(student_seconds / 60, 1)
     return {
         "data": {
             **{k: stats[k] for k in ("users", "items", "interactions")},
@@ -536,30 +579,24 @@ def main(argv=None) -> int:
         return 0
 
     started = time.perf_counter()
-    jobs = [
-        (name, kind, detail)
-        for name in datasets
-        for kind, detail in [("prepare", None)]
-        + [("teacher", seed) for seed in seeds]
-        + [("precompute", None)]
-        + [("student", (s, v, seed)) for s in students for v in variants for seed in seeds]
-    ]
-    paths: dict = {name: {} for name in datasets}
-    with tqdm(jobs, desc="bench", unit="job") as progress:
-        for name, kind, detail in progress:
-            spec = datasets[name]
-            progress.set_postfix_str(f"{name} {kind} {detail if detail is not None else ''}")
-            if kind == "prepare":
-                paths[name]["data"] = prepare(scale, name, spec, data_root, work)
-            elif kind == "teacher":
-                run = train_teacher(scale, name, spec, paths[name]["data"], detail, work)
-                paths[name].setdefault("teacher", run)  # seed order: the first seed is distilled
-            elif kind == "precompute":
-                paths[name]["shards"] = precompute_shards(
-                    scale, name, spec, paths[name]["data"], paths[name]["teacher"], work
-                )
-            else:
-                train_student(scale, name, spec, paths[name], *detail, work)
+    student_runs = [(s, v, seed) for s in students for v in variants for seed in seeds]
+    total_jobs = len(datasets) * (2 + len(seeds) + len(student_runs))
+    with tqdm(total=total_jobs, desc="bench", unit="job") as progress:
+        for name, spec in datasets.items():
+            progress.set_postfix_str(f"{name} prepare")
+            data_dir = prepare(scale, name, spec, data_root, work)
+            progress.update()
+            teacher_runs = []
+            for seed in seeds:
+                progress.set_postfix_str(f"{name} teacher {seed}")
+                teacher_runs.append(train_teacher(scale, name, spec, data_dir, seed, work))
+                progress.update()
+            progress.set_postfix_str(f"{name} precompute")
+            # the first seed's teacher is the one distilled
+            shards = precompute_shards(scale, name, spec, data_dir, teacher_runs[0], work)
+            progress.update()
+            paths = {"data": data_dir, "shards": shards}
+            train_students(scale, name, spec, paths, student_runs, work, progress)
 
     command = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {

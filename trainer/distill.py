@@ -87,6 +87,7 @@ DEFAULTS: dict = {
         "keep_checkpoints": 2,
         "patience": 5,
         "kill_at_step": None,  # fault injection for tests: SIGKILL after that optimizer step
+        "cpu_threads": None,  # CPU: torch threads per rank (None: the cores / local ranks)
     },
 }
 LR_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -321,7 +322,8 @@ def main(argv=None) -> int:
         project_dir=str(output_dir),
     )
     if accelerator.device.type == "cpu":  # ranks share the cores: oversubscription is 10x slower
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+        cores_per_rank = max(1, (os.cpu_count() or 1) // accelerator.num_processes)
+        torch.set_num_threads(train_cfg["cpu_threads"] or cores_per_rank)
     set_seed(train_cfg["seed"])
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
