@@ -13,6 +13,10 @@ Per dataset:
    same batches already collated in memory. samples/s of each; (a)/(b) is the data path's cost.
 3. Storage: shard bytes per training example against storing the full float32 logits for every
    position (positions x items x 4 bytes).
+4. Teacher fine-tune throughput, read from the seed-0 teacher's metrics.jsonl (measured during
+   training, evaluation and checkpoints excluded): the median over its logged windows (the first,
+   warm-up step left out) of samples/s, model TFLOP/s per device and MFU (when the device's peak
+   is known: a GPU in the table of trainer/throughput.py, or train.peak_tflops).
 Writes bench/results/speed_SCALE.json and speed_SCALE.md.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -133,6 +138,28 @@ def data_path(work: Path, student: str, steps: int, workers: int, device: torch.
     }
 
 
+def teacher_training(work: Path) -> dict:
+    run = work / "teacher_s0"
+    cfg = load_config(run / "run_config.yaml")
+    windows = [
+        record
+        for record in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if "tflops_per_device" in record and record["step"] > 1
+    ]
+    if not windows:
+        raise SystemExit(f"{run}/metrics.jsonl: no throughput records (a teacher run before MFU)")
+    result = {
+        "steps": json.loads((run / "final/metrics.json").read_text())["steps"],
+        "micro_batch_size": cfg["train"]["micro_batch_size"],
+        "deepspeed_config": cfg["train"]["deepspeed_config"],
+        "windows": len(windows),
+    }
+    for key in ("samples_per_s", "tflops_per_device", "mfu"):
+        if key in windows[0]:
+            result[key] = statistics.median(record[key] for record in windows)
+    return result
+
+
 def storage(work: Path) -> dict:
     manifest = load_manifest(work / "shards")
     full_logits = manifest["positions"] * manifest["num_items"] * 4
@@ -167,8 +194,15 @@ def markdown(report: dict) -> str:
                 f"| {model} | {entry['users_per_s']:,.0f} | {entry['latency_ms_per_batch']:.1f} | "
                 f"{entry['speedup_vs_teacher']:.1f}x |"
             )
-        path, store = result["data_path"], result["storage"]
+        path, store, teacher = result["data_path"], result["storage"], result["teacher_training"]
+        mfu = f", MFU {100 * teacher['mfu']:.1f}%" if "mfu" in teacher else ""
         lines += [
+            "",
+            f"Teacher fine-tune ({teacher['deepspeed_config']}, micro-batch "
+            f"{teacher['micro_batch_size']}, {teacher['steps']} steps): "
+            f"{teacher['samples_per_s']:,.1f} samples/s, "
+            f"{teacher['tflops_per_device']:.4g} model TFLOP/s per device{mfu} "
+            f"(medians of {teacher['windows']} logged windows).",
             "",
             f"Distillation ({path['student']}, all losses, batch {path['batch_size']}, "
             f"{path['steps']} steps, {path['loader_workers']} loader worker(s)): "
@@ -230,6 +264,7 @@ def main(argv=None) -> int:
             "inference": inference(work / name, device, args.batch_size),
             "data_path": data_path(work / name, args.student, args.steps, args.workers, device),
             "storage": storage(work / name),
+            "teacher_training": teacher_training(work / name),
         }
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -122,6 +123,49 @@ def build_backbone(config: TeacherConfig, load_weights: bool) -> nn.Module:
         )
         backbone = get_peft_model(backbone, lora)
     return backbone
+
+
+def backbone_matmul_params(config: TeacherConfig) -> int:
+    """Weights the backbone multiplies every position by: its 2-D parameters outside embedding
+    tables (a lookup is no matmul). Built on the meta device: no memory, even for a 70B config."""
+    with torch.device("meta"):
+        backbone = AutoModel.from_config(config.backbone_config())
+    return sum(
+        param.numel()
+        for module in backbone.modules()
+        if not isinstance(module, nn.Embedding)
+        for param in module.parameters(recurse=False)
+        if param.dim() == 2
+    )
+
+
+def train_flops(config: TeacherConfig, item_lengths: Sequence[int], matmul_params: int) -> float:
+    """Model FLOPs of one training pass over users with these history lengths: the matmuls of
+    forward and backward (PaLM's MFU convention, its appendix B: 2 FLOPs a multiply-add, pads and
+    recomputation not counted). A layer's backward costs 2x its forward when its weight trains
+    (input and weight gradients), 1x when it is frozen (LoRA backbone, frozen item table)."""
+    backbone = config.backbone_config()
+    heads = backbone.num_attention_heads
+    attention_width = heads * (getattr(backbone, "head_dim", None) or backbone.hidden_size // heads)
+    prompt = len(config.prompt_prefix_ids) + len(config.prompt_suffix_ids)
+    table_trains = not config.freeze_item_embeddings
+    backbone_trains = config.lora is None
+    hidden, item_dim, layers = backbone.hidden_size, config.item_dim, backbone.num_hidden_layers
+    total = 0.0
+    for items in item_lengths:
+        positions = items + prompt if config.mode == "prefix" else items
+        predicted = 1 if config.mode == "prefix" else items
+        in_proj = 2 * item_dim * hidden * items
+        linears = 2 * matmul_params * positions
+        attention = 2 * 2 * layers * attention_width * positions**2  # QK^T and AV, unmasked
+        out_proj = 2 * hidden * item_dim * predicted
+        scores = 2 * item_dim * (config.num_items + 1) * predicted  # the padding row is scored too
+        total += (
+            (2 + table_trains) * (in_proj + scores)
+            + (2 + backbone_trains) * linears
+            + 3 * (attention + out_proj)
+        )
+    return total
 
 
 def import_backbone_modules(config: TeacherConfig) -> None:

@@ -160,6 +160,11 @@ def test_quality_and_speed_end_to_end(tmp_path):
     assert set(measured["inference"]) == {"teacher", "sasrec", "gru4rec"}
     assert measured["inference"]["teacher"]["speedup_vs_teacher"] == 1.0
     assert measured["data_path"]["samples_per_s_from_shards"] > 0
+    teacher = measured["teacher_training"]  # read back from the teacher's own log
+    teacher_metrics = json.loads((work / "toy/teacher_s0/final/metrics.json").read_text())
+    assert teacher["steps"] == teacher_metrics["steps"] and teacher["windows"] >= 1
+    assert teacher["tflops_per_device"] > 0 and "mfu" not in teacher  # CPU: no known peak
+    assert "model TFLOP/s per device" in (results / "speed_toy.md").read_text()
     storage = measured["storage"]
     assert storage["full_float32_logits_bytes_per_example"] == pytest.approx(
         storage["positions"] * storage["items"] * 4 / storage["examples"]
@@ -289,3 +294,40 @@ def test_validation_curve_from_metrics_or_older_runs_tensorboard(tmp_path):
         for step, value in ((2, 0.5), (4, 0.75)):
             writer.add_scalar("valid/ndcg@10", value, step)
     assert quality.validation_curve(older, 10) == [(20, 0.5), (40, 0.75)]
+
+
+def test_student_jobs_side_by_side_stop_at_a_failure(tmp_path, monkeypatch):
+    """Students run `student_jobs` at a time; a failed job ends the stage with its error, the
+    running ones finish and queued ones are dropped, and the stage's wall time is recorded."""
+    import threading
+    import time
+
+    from tqdm import tqdm
+
+    started, running, most_at_once = [], [0], [0]
+    lock = threading.Lock()
+
+    def fake_train_student(scale, name, spec, paths, student, variant, seed, work):
+        with lock:
+            started.append((student, variant, seed))
+            running[0] += 1
+            most_at_once[0] = max(most_at_once[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        if variant == "broken":
+            raise SystemExit(f"bench: job failed (exit 1); log: {student}_{variant}_s{seed}.log")
+
+    monkeypatch.setattr(quality, "train_student", fake_train_student)
+    runs = [("sasrec", "plain", 0), ("sasrec", "broken", 0)] + [
+        ("caser", "plain", seed) for seed in range(6)
+    ]
+    with tqdm(total=len(runs), disable=True) as progress:
+        with pytest.raises(SystemExit, match="sasrec_broken_s0.log"):
+            quality.train_students(
+                {"student_jobs": 2}, "toy", {}, {}, runs, tmp_path / "work", progress
+            )
+    assert most_at_once[0] == 2
+    assert len(started) < len(runs)  # the queue was dropped at the failure
+    wall = json.loads((tmp_path / "work/toy/logs/seconds.json").read_text())["students_wall"]
+    assert 0.2 <= wall < 0.2 * len(runs)

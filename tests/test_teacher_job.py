@@ -78,7 +78,7 @@ def short_runs(demo_data, tmp_path_factory):
     base = tmp_path_factory.mktemp("short")
     common = ["train.max_steps=12", "train.save_every=6", "train.eval_every=100"]
     run_teacher(demo_data, base / "two", 2, *common)
-    run_teacher(demo_data, base / "one", 1, *common, "train.grad_accum=2")
+    run_teacher(demo_data, base / "one", 1, *common, "train.grad_accum=2", "train.peak_tflops=0.5")
     killed = run_teacher(
         demo_data, base / "killed", 2, *common, "train.kill_at_step=9", check=False
     )
@@ -93,6 +93,36 @@ def test_two_ranks_match_one_process(short_runs):
     for step in range(1, 6):
         assert one[step] == pytest.approx(two[step], rel=1e-4), step
     assert two[5] < two[1]
+
+
+def test_logged_model_flops_and_mfu(short_runs, demo_data):
+    """TFLOP/s and samples/s of a window share its seconds: their ratio is the model FLOPs per
+    sample, which must be what train_flops gives for the users of that step."""
+    from recdistill.models.teacher import backbone_matmul_params, train_flops
+    from recdistill.trainer.config import load_config
+    from recdistill.trainer.data.batches import global_batch_order
+    from recdistill.trainer.teacher import DEFAULTS, build_examples
+
+    cfg = load_config(short_runs / "one/run_config.yaml", [], DEFAULTS)
+    config = LLMRecTeacher.from_pretrained(short_runs / "one/final").config
+    examples = build_examples(load_sequences(demo_data)[0], cfg["data"])
+    global_batch = 32 * 2
+    order = global_batch_order(len(examples), global_batch, seed=0, epoch=0)
+    matmul_params = backbone_matmul_params(config)
+    for run, devices in (("one", 1), ("two", 2)):
+        records = [json.loads(line) for line in (short_runs / run / "metrics.jsonl").open()]
+        by_step = {r["step"]: r for r in records if "tflops_per_device" in r}
+        assert sorted(by_step) == list(range(1, 13))
+        for step in (1, 7):
+            lengths = [len(examples[i]) - 1 for i in order[step - 1]]
+            per_sample = train_flops(config, lengths, matmul_params) / global_batch
+            record = by_step[step]
+            logged = record["tflops_per_device"] * devices * 1e12 / record["samples_per_s"]
+            assert logged == pytest.approx(per_sample, rel=1e-9), (run, step)
+            if run == "one":
+                assert record["mfu"] == pytest.approx(record["tflops_per_device"] / 0.5)
+            else:
+                assert "mfu" not in record  # CPU: no peak to measure against
 
 
 def test_killed_run_resumes_with_the_same_losses(short_runs):

@@ -7,8 +7,14 @@ import json
 import pytest
 import torch
 
-from recdistill.models.teacher import LLMRecTeacher, TeacherConfig
-from recdistill.trainer.data.batches import pad_right, sequence_batch
+from recdistill.models.teacher import (
+    LLMRecTeacher,
+    TeacherConfig,
+    backbone_matmul_params,
+    train_flops,
+)
+from recdistill.trainer.data.batches import pad_right, prefix_batch, sequence_batch
+from recdistill.trainer.throughput import peak_tflops, throughput_record
 
 from .conftest import launch
 
@@ -221,3 +227,80 @@ def test_other_backbone_families_train_pad_and_round_trip(family, tmp_path):
         loaded(batch["item_ids"], batch["lengths"]).user_reps,
         model(batch["item_ids"], batch["lengths"]).user_reps,
     )
+
+
+FLOP_CASES = {  # teacher settings -> a batch without padding
+    "sequence": ({}, sequence_batch([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])),
+    "prefix": (
+        {"mode": "prefix", "prompt_prefix_ids": [1, 2, 3], "prompt_suffix_ids": [4, 5]},
+        prefix_batch([[3, 4, 5, 6], [7, 8, 9, 10]], [11, 12]),
+    ),
+    "frozen table": (
+        {"freeze_item_embeddings": True},
+        sequence_batch([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLOP_CASES))
+def test_train_flops_equal_the_counted_matmuls(case):
+    """The MFU numerator against torch's FLOP counter on a real forward + backward (eager
+    attention computes the whole T x T scores, as the formula assumes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    settings, batch = FLOP_CASES[case]
+    backbone = {**TINY_LLAMA, "_attn_implementation": "eager"}
+    config = TeacherConfig(num_items=40, backbone=backbone, item_dim=16, **settings)
+    model = LLMRecTeacher(config).train()
+    with FlopCounterMode(display=False) as counter:
+        model(**batch).loss.backward()
+    lengths = batch["lengths"].tolist()
+    predicted = len(lengths) if config.mode == "prefix" else sum(lengths)
+    # The catalogue loss recomputes its scores in backward: work done, but no model FLOPs.
+    recomputed = 2 * config.item_dim * (config.num_items + 1) * predicted
+    assert backbone_matmul_params(config) == 3 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64)
+    expected = train_flops(config, lengths, backbone_matmul_params(config))
+    assert counter.get_total_flops() == expected + recomputed
+
+
+def test_train_flops_of_lora_and_padding():
+    batch = sequence_batch([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    backbone = {**TINY_LLAMA, "_attn_implementation": "eager"}
+    config = TeacherConfig(num_items=40, backbone=backbone, item_dim=16, lora={"r": 2})
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        LLMRecTeacher(config).train()(**batch).loss.backward()
+    matmul_params = backbone_matmul_params(config)
+    counted = counter.get_total_flops() - 2 * 16 * 41 * 10  # less the loss's recomputation
+    # Frozen backbone weights: no weight gradients; the rank-2 adapters (not counted) add ~3%.
+    assert train_flops(config, [5, 5], matmul_params) == pytest.approx(counted, rel=0.04)
+    # Pads are no model FLOPs: a padded batch counts what its users would alone.
+    assert train_flops(config, [5, 2], matmul_params) == train_flops(
+        config, [5], matmul_params
+    ) + train_flops(config, [2], matmul_params)
+
+
+def test_backbone_matmul_params_of_gpt2_leave_out_position_table():
+    config = TeacherConfig(num_items=40, backbone={**TINY_BACKBONES["gpt2"], "vocab_size": 16})
+    # per block: c_attn 32x96, c_proj 32x32, c_fc 32x128, mlp c_proj 128x32; wte/wpe are lookups
+    assert backbone_matmul_params(config) == 3 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32)
+
+
+def test_peak_tflops_by_gpu_name_or_config(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    for name, peak in [
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert peak_tflops(cuda, None, half_precision=True) == peak
+    assert peak_tflops(cuda, None, half_precision=False) is None  # fp32 peaks: not in the table
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some Future GPU")
+    assert peak_tflops(cuda, None, half_precision=True) is None
+    assert peak_tflops(torch.device("cpu"), None, True) is None
+    assert peak_tflops(torch.device("cpu"), 2.5, True) == 2.5
+    record = throughput_record(flops=8e12, seconds=2.0, devices=2, peak=4.0)
+    assert record == {"tflops_per_device": 2.0, "mfu": 0.5}
+    assert throughput_record(8e12, 2.0, 2, None) == {"tflops_per_device": 2.0}

@@ -30,8 +30,10 @@ from transformers.integrations import HfDeepSpeedConfig
 from recdistill.models.teacher import (
     LLMRecTeacher,
     TeacherConfig,
+    backbone_matmul_params,
     import_backbone_modules,
     save_teacher_files,
+    train_flops,
 )
 from recdistill.trainer.config import load_config, save_config, start_run_dir
 from recdistill.trainer.data.batches import (
@@ -52,6 +54,7 @@ from recdistill.trainer.evaluate import (
 from recdistill.trainer.metrics import finalize
 from recdistill.trainer.requeue import stop_requested
 from recdistill.trainer.shutdown import run_and_exit
+from recdistill.trainer.throughput import peak_tflops, throughput_record
 
 DEFAULTS: dict = {
     "data": {
@@ -92,6 +95,7 @@ DEFAULTS: dict = {
         "max_steps": None,  # overrides epochs when set
         "seed": 0,
         "log_every": 10,
+        "peak_tflops": None,  # per device, for MFU; null: the GPU's bf16/fp16 peak from a table
         "eval_every": 500,
         "eval_batch_size": 64,
         "eval_exclude_history": False,  # rank out every item of the user's whole history
@@ -316,6 +320,8 @@ def main(argv=None) -> int:
     torch.manual_seed(train_cfg["seed"])
     ds_config = deepspeed_config(train_cfg, world, total_steps)
     config = teacher_config(model_cfg, data_cfg, stats["items"])
+    # Before HfDeepSpeedConfig: its zero.Init would try to partition the meta-device copy.
+    matmul_params = backbone_matmul_params(config)
     # Keeping this object alive makes transformers build/load the backbone under zero.Init.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841
     import_backbone_modules(config)
@@ -357,40 +363,53 @@ def main(argv=None) -> int:
     progress = tqdm(
         total=total_steps, initial=state["step"], disable=rank != 0, desc="teacher", unit="step"
     )
-    window_start, window_samples = time.perf_counter(), 0
+    half_precision = any(ds_config.get(key, {}).get("enabled") for key in ("bf16", "fp16"))
+    peak = peak_tflops(device, train_cfg["peak_tflops"], half_precision)
+    window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
     engine.train()
     while state["step"] < total_steps and not state["stopped"]:
         order = global_batch_order(
             len(train_examples), global_batch, train_cfg["seed"], state["epoch"]
         )
         for batch_index in range(state["batch_in_epoch"], len(order)):
-            loss_sum = 0.0
+            loss_sum, flops = 0.0, 0.0
             for indices in micro_batches(order[batch_index], world, rank, train_cfg["grad_accum"]):
                 batch = collate([train_examples[i] for i in indices], data_cfg["mode"], device)
                 out = engine(**batch)
                 engine.backward(out.loss)
                 engine.step()
                 loss_sum += out.loss.item()
-            loss = torch.tensor(
-                loss_sum / train_cfg["grad_accum"], dtype=torch.float64, device=device
+                flops += train_flops(config, batch["lengths"].tolist(), matmul_params)
+            # One all-reduce for both: the mean loss and the FLOPs of every rank's users.
+            totals = torch.tensor(
+                [loss_sum / train_cfg["grad_accum"], flops], dtype=torch.float64, device=device
             )
-            dist.all_reduce(loss)
+            dist.all_reduce(totals)
             state["step"] += 1
             state["batch_in_epoch"] = batch_index + 1
             window_samples += global_batch
+            window_flops += totals[1].item()
             step = state["step"]
             record = {
-                "loss": loss.item() / world,
+                "loss": totals[0].item() / world,
                 "lr": scheduler.get_last_lr()[0] if scheduler else train_cfg["lr"],
             }
             if step % train_cfg["log_every"] == 0 or step == 1:
-                record["samples_per_s"] = window_samples / (time.perf_counter() - window_start)
-                window_start, window_samples = time.perf_counter(), 0
-                progress.set_postfix(
-                    loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}"
+                seconds = time.perf_counter() - window_start
+                record["samples_per_s"] = window_samples / seconds
+                record.update(throughput_record(window_flops, seconds, world, peak))
+                window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
+                rate = (
+                    f"mfu={record['mfu']:.1%}"
+                    if "mfu" in record
+                    else (f"tflops={record['tflops_per_device']:.3g}")
+                )
+                progress.set_postfix_str(
+                    f"loss={record['loss']:.4f} samples/s={record['samples_per_s']:.1f} {rate}"
                 )
             log.log(step, record)
             progress.update(1)
+            paused = time.perf_counter()  # evaluation and checkpoints stay out of throughput
 
             if step % train_cfg["eval_every"] == 0 or step == total_steps:
                 valid = evaluate(
@@ -425,6 +444,7 @@ def main(argv=None) -> int:
                 return 0
             if step >= total_steps or state["stopped"]:
                 break
+            window_start += time.perf_counter() - paused
         else:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
