@@ -3,6 +3,12 @@
 Horizontal filters of heights 2, 3, 4 (16 each, max-pooled over time) and vertical filters over
 the window, then a linear layer to the embedding size. Every position t gets the window of
 items ending at t (left-padded), so Caser also trains on all positions at once.
+
+The filters are `nn.Conv2d` weights (the reference's parameters and files), but the forward pass
+does not run a convolution per window: neighbouring windows overlap in all but one item, so each
+filter row is applied once per sequence position (one matmul), the rows are summed along the
+diagonals, and each window takes a sliding max. Same function (tests compare it with the
+per-window convolution), ~W times less work than convolving B x L windows.
 """
 
 from __future__ import annotations
@@ -57,18 +63,26 @@ class Caser(nn.Module):
         batch, length = item_ids.shape
         window = self.config.window
         padded = F.pad(item_ids, (window - 1, 0))  # left padding: the window ending at each t
-        windows = padded.unfold(1, window, 1)  # [B, L, W]
-        x = embed(windows.reshape(-1, window), self.item_embeddings, item_table).unsqueeze(
-            1
-        )  # [B*L, 1, W, d]
-        pooled = []
-        for conv in self.horizontal:
-            h = F.relu(conv(x).squeeze(3))  # [B*L, filters, W - height + 1]
-            pooled.append(h.max(dim=2).values)
-        vertical = self.vertical(x).reshape(x.shape[0], -1)  # [B*L, filters * d]
-        z = F.relu(self.out(self.dropout(torch.cat([*pooled, vertical], dim=1))))
-        user_reps = z.reshape(batch, length, -1)
+        x = embed(padded, self.item_embeddings, item_table)  # [B, L + W - 1, d]
+        pooled = [self._horizontal_max(conv, x) for conv in self.horizontal]
+        vertical = self.vertical.weight.view(-1, window)  # [filters, W]
+        vertical = torch.einsum("bldw,fw->blfd", x.unfold(1, window, 1), vertical)
+        vertical = vertical + self.vertical.bias[:, None]  # [B, L, filters, d]
+        features = torch.cat([*pooled, vertical.flatten(2)], dim=2)
+        user_reps = F.relu(self.out(self.dropout(features)))  # [B, L, d]
         return StudentOutput(user_reps=user_reps, block_states=[user_reps])
+
+    def _horizontal_max(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """conv over every window of W items ending at each position, ReLU, max over the window:
+        [B, L + W - 1, d] -> [B, L, filters]."""
+        filters, _, height, d = conv.weight.shape
+        rows = x @ conv.weight.view(filters * height, d).T  # [B, P, filters * height]
+        rows = rows.view(*x.shape[:2], filters, height)
+        span = x.shape[1] - height + 1  # placements of the filter along the padded sequence
+        responses = conv.bias + sum(rows[:, k : k + span, :, k] for k in range(height))
+        # window ending at t: placements t .. t + W - height
+        per_window = responses.unfold(1, self.config.window - height + 1, 1)  # [B, L, filters, n]
+        return F.relu(per_window.max(dim=3).values)
 
     def save_pretrained(self, directory) -> None:
         save_student(self, directory)

@@ -36,28 +36,38 @@ def full_scores(user_reps: torch.Tensor, item_table: torch.Tensor) -> torch.Tens
 class _CatalogueCrossEntropy(torch.autograd.Function):
     """Per-row softmax cross-entropy over the whole catalogue without storing M x N logits.
 
-    The backward pass recomputes each chunk's softmax. Only the inputs are saved (the item
-    table as the tensor that was passed, never a slice), which keeps this safe under ZeRO-3,
-    where a parameter's storage is swapped between forward and backward.
+    With more than one chunk, the backward pass recomputes each chunk's softmax and only the
+    inputs are saved (the item table as the tensor that was passed, never a slice), which keeps
+    this safe under ZeRO-3, where a parameter's storage is swapped between forward and backward.
+    A catalogue that fits in one chunk keeps that chunk's softmax for the backward pass instead
+    (M x chunk floats, the bound `chunk_size` sets, now held from forward to backward), which
+    saves backward an M x N matmul and exp (~30% of a CPU SASRec student's step). The gradients
+    are bit-identical to the recomputed ones: the same ops on the same inputs.
     """
 
     @staticmethod
     def forward(ctx, user_reps, item_table, targets, chunk_size):
         n_rows, dtype = item_table.shape[0], _compute_dtype(user_reps)
+        target_scores = (user_reps.to(dtype) * item_table[targets].to(dtype)).sum(-1)
+        ctx.chunk_size = chunk_size
+        if n_rows <= chunk_size:  # one chunk: keep its softmax (the scores' own storage)
+            scores = _chunk_scores(user_reps, item_table, 0, n_rows)
+            logsumexp = torch.logsumexp(scores, dim=1)
+            probs = scores.sub_(logsumexp[:, None]).exp_()  # [M, N + 1]
+            ctx.save_for_backward(user_reps, item_table, targets, logsumexp, probs)
+            return logsumexp - target_scores
         logsumexp = torch.full(
             (user_reps.shape[0],), float("-inf"), dtype=dtype, device=user_reps.device
         )
         for start in range(0, n_rows, chunk_size):
             chunk = _chunk_scores(user_reps, item_table, start, min(start + chunk_size, n_rows))
             logsumexp = torch.logaddexp(logsumexp, torch.logsumexp(chunk, dim=1))
-        target_scores = (user_reps.to(dtype) * item_table[targets].to(dtype)).sum(-1)
         ctx.save_for_backward(user_reps, item_table, targets, logsumexp)
-        ctx.chunk_size = chunk_size
         return logsumexp - target_scores
 
     @staticmethod
     def backward(ctx, grad_loss):
-        user_reps, item_table, targets, logsumexp = ctx.saved_tensors
+        user_reps, item_table, targets, logsumexp, *kept_probs = ctx.saved_tensors
         dtype = _compute_dtype(user_reps)
         grad_loss = grad_loss.to(dtype)
         need_user, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -70,7 +80,11 @@ class _CatalogueCrossEntropy(torch.autograd.Function):
         n_rows = item_table.shape[0]
         for start in range(0, n_rows, ctx.chunk_size):
             end = min(start + ctx.chunk_size, n_rows)
-            probs = torch.exp(_chunk_scores(user_reps, item_table, start, end) - logsumexp[:, None])
+            if kept_probs:
+                probs = kept_probs[0]
+            else:
+                scores = _chunk_scores(user_reps, item_table, start, end)
+                probs = torch.exp(scores - logsumexp[:, None])
             probs = probs * grad_loss[:, None]  # d loss / d scores, softmax part
             if need_user:
                 grad_user += probs @ item_table[start:end].to(dtype)

@@ -61,6 +61,26 @@ def test_dllm2rec_defaults():
     assert caser.config.horizontal_heights == [2, 3, 4] and caser.config.horizontal_filters == 16
 
 
+def caser_by_window_convolution(model, item_ids):
+    """Caser as the reference writes it: every window of W items convolved on its own."""
+    window = model.config.window
+    windows = torch.nn.functional.pad(item_ids, (window - 1, 0)).unfold(1, window, 1)
+    x = model.item_embeddings(windows.reshape(-1, window)).unsqueeze(1)  # [B*L, 1, W, d]
+    pooled = [torch.relu(conv(x).squeeze(3)).max(dim=2).values for conv in model.horizontal]
+    features = torch.cat([*pooled, model.vertical(x).reshape(x.shape[0], -1)], dim=1)
+    return torch.relu(model.out(features)).reshape(*item_ids.shape, -1)
+
+
+def test_caser_equals_per_window_convolution():
+    torch.manual_seed(0)
+    config_class, model_class = STUDENTS["caser"]
+    model = model_class(config_class(num_items=30, max_len=16, vertical_filters=2)).eval()
+    ids, lengths = pad_right([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [7, 8, 29]])
+    torch.testing.assert_close(
+        model(ids, lengths).user_reps, caser_by_window_convolution(model, ids)
+    )
+
+
 def test_llama_student_from_teacher_layers(tmp_path):
     torch.manual_seed(0)
     teacher = LLMRecTeacher(TeacherConfig(num_items=20, backbone=TINY_LLAMA, item_dim=8)).eval()
