@@ -8,7 +8,8 @@ The filters are `nn.Conv2d` weights (the reference's parameters and files), but 
 does not run a convolution per window: neighbouring windows overlap in all but one item, so each
 filter row is applied once per sequence position (one matmul), the rows are summed along the
 diagonals, and each window takes a sliding max. Same function (tests compare it with the
-per-window convolution), ~W times less work than convolving B x L windows.
+per-window convolution); the horizontal filters do ~W times less work than convolving B x L
+windows, and no B x L x W x d copy of the embeddings is made.
 """
 
 from __future__ import annotations
@@ -60,13 +61,12 @@ class Caser(nn.Module):
     def forward(
         self, item_ids: torch.Tensor, lengths: torch.Tensor, item_table: torch.Tensor | None = None
     ) -> StudentOutput:
-        batch, length = item_ids.shape
         window = self.config.window
         padded = F.pad(item_ids, (window - 1, 0))  # left padding: the window ending at each t
         x = embed(padded, self.item_embeddings, item_table)  # [B, L + W - 1, d]
         pooled = [self._horizontal_max(conv, x) for conv in self.horizontal]
-        vertical = self.vertical.weight.view(-1, window)  # [filters, W]
-        vertical = torch.einsum("bldw,fw->blfd", x.unfold(1, window, 1), vertical)
+        vertical_weight = self.vertical.weight.view(-1, window)  # [filters, W]
+        vertical = torch.einsum("bldw,fw->blfd", x.unfold(1, window, 1), vertical_weight)
         vertical = vertical + self.vertical.bias[:, None]  # [B, L, filters, d]
         features = torch.cat([*pooled, vertical.flatten(2)], dim=2)
         user_reps = F.relu(self.out(self.dropout(features)))  # [B, L, d]
