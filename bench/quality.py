@@ -57,14 +57,38 @@ SECONDS_LOCK = threading.Lock()  # student jobs run side by side and share secon
 
 
 def load_scale(name_or_path: str) -> dict:
+    """The scale file bench/configs/NAME.yaml (or a path). A file with `extends: BASE` is BASE
+    with this file's keys merged in: see merge_scale."""
     path = Path(name_or_path)
     if not path.is_file():
         path = ROOT / "bench" / "configs" / f"{name_or_path}.yaml"
     if not path.is_file():
         raise SystemExit(f"--scale {name_or_path}: no such file (bench/configs/ has cpu and gpu)")
     scale = yaml.safe_load(path.read_text())
+    base = scale.pop("extends", None)
+    if base is not None:
+        if Path(base).stem == path.stem:
+            raise SystemExit(f"{path}: extends itself ({base!r})")
+        scale = merge_scale(load_scale(base), scale)
     scale["name"] = path.stem
     return scale
+
+
+def merge_scale(base: dict, changes: dict) -> dict:
+    """base with `changes` merged in: mappings merge key by key, an `overrides` list is appended
+    to the base's (later overrides win, so a shorter schedule is one line), a key set to null is
+    dropped (a dataset left out), anything else replaces the base's value."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_scale(merged[key], value)
+        elif key == "overrides" and isinstance(value, list):
+            merged[key] = [*merged.get(key, []), *value]
+        else:
+            merged[key] = value
+    return merged
 
 
 def excludes_seen(scale: dict) -> bool:

@@ -219,7 +219,9 @@ class LLMRecTeacher(nn.Module):
         projections = [self.item_in_proj, self.user_out_proj]
         params = [p for layer in projections for p in (layer.weight, layer.bias)]
         with gathered_for_init(params):
-            w_in = torch.empty(self.config.hidden_size, self.config.item_dim)
+            # float32 whatever the run's dtype: zero.Init makes new tensors in bf16 under a bf16
+            # config, and QR (orthogonal_) has no bf16 kernel.
+            w_in = torch.empty(self.config.hidden_size, self.config.item_dim).float()
             nn.init.orthogonal_(w_in)
             with torch.no_grad():
                 self.item_in_proj.weight.copy_(w_in)

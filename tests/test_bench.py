@@ -182,7 +182,7 @@ def test_quality_and_speed_end_to_end(tmp_path):
     )
 
 
-@pytest.mark.parametrize("scale_name", ["cpu", "gpu", "reference"])
+@pytest.mark.parametrize("scale_name", ["cpu", "gpu", "gpu_short", "reference"])
 def test_scale_files_make_valid_job_configs(scale_name, tmp_path):
     """Every job config a scale file produces loads under the job's strict defaults (unknown
     keys are errors), and the student options build each student: the GPU scale, which cannot
@@ -233,6 +233,35 @@ def test_scale_files_make_valid_job_configs(scale_name, tmp_path):
                 loss = load_config(tmp_path / f"{name}_{student}_{variant}.yaml")["loss"]
                 if loss["alignment"]["enabled"] and loss["alignment"]["multi_supervision_weight"]:
                     assert len(distill.block_dims(model)) > 1, (student, variant)
+
+
+def test_scale_extending_another_merges_appends_and_drops(tmp_path):
+    """`extends`: mappings merge, overrides append (so later ones win), null drops a key; a
+    chain of files resolves, and the name is the extending file's."""
+    middle = tmp_path / "middle.yaml"
+    middle.write_text(
+        "extends: cpu\nseeds: [0]\ndatasets: {beauty: null, ml-1m: {max_len: 20}}\n"
+        "teacher: {overrides: [train.max_steps=5]}\n"
+    )
+    short = tmp_path / "short.yaml"
+    short.write_text(f"extends: {middle}\nteacher: {{overrides: [train.max_steps=3]}}\n")
+    cpu = quality.load_scale("cpu")
+    scale = quality.load_scale(str(short))
+    assert scale["name"] == "short" and "extends" not in scale
+    assert scale["seeds"] == [0] and scale["device"] == cpu["device"]
+    assert list(scale["datasets"]) == ["ml-1m"]
+    assert scale["datasets"]["ml-1m"] == {**cpu["datasets"]["ml-1m"], "max_len": 20}
+    assert scale["teacher"]["config"] == cpu["teacher"]["config"]
+    assert scale["teacher"]["overrides"] == [
+        *cpu["teacher"]["overrides"],
+        "train.max_steps=5",
+        "train.max_steps=3",
+    ]
+    assert scale["students"] == cpu["students"]
+    looped = tmp_path / "looped.yaml"
+    looped.write_text(f"extends: {looped}\n")
+    with pytest.raises(SystemExit, match="extends itself"):
+        quality.load_scale(str(looped))
 
 
 def test_job_past_its_timeout_is_ended_and_named(tmp_path):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from recdistill.models.teacher import LLMRecTeacher
 from recdistill.trainer.data.batches import prefix_batch
@@ -69,6 +70,30 @@ def test_consolidated_checkpoint_reloads_without_deepspeed(trained, demo_data):
     engine = json.loads((trained / "final/metrics.json").read_text())["teacher"]
     for key in ("hr@10", "ndcg@10", "mrr"):
         assert reloaded[key] == pytest.approx(engine[key], abs=1e-6)
+
+
+def test_gpu_teacher_settings_train_on_cpu_ranks(demo_data, tmp_path):
+    """The GPU scale's teacher settings (bench/configs/gpu.yaml: ds_configs/zero3_bf16.json with
+    bf16, ZeRO-3 and torch's AdamW; tied projection init; input dropout) run on CPU ranks, so a
+    GPU machine is not the first place they are tried. The release keeps the bf16 weights."""
+    out = tmp_path / "bf16"
+    run_teacher(
+        demo_data,
+        out,
+        2,
+        "train.deepspeed_config=ds_configs/zero3_bf16.json",
+        "model.tied_projection_init=true",
+        "model.input_dropout=0.2",
+        "train.max_steps=12",
+        "train.eval_every=100",
+        "train.save_every=12",
+    )
+    losses = list(losses_by_step(out / "metrics.jsonl").values())
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]), losses
+    saved = load_file(str(out / "final/model.safetensors"))
+    assert {tensor.dtype for tensor in saved.values()} == {torch.bfloat16}
+    metrics = json.loads((out / "final/metrics.json").read_text())
+    assert 0.0 < metrics["teacher"]["ndcg@10"] <= 1.0
 
 
 @pytest.fixture(scope="module")
