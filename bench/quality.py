@@ -56,20 +56,23 @@ SECONDS_LOCK = threading.Lock()  # student jobs run side by side and share secon
 # ---- configuration -------------------------------------------------------------------------
 
 
-def load_scale(name_or_path: str) -> dict:
+def load_scale(name_or_path: str, extended_by: tuple[Path, ...] = ()) -> dict:
     """The scale file bench/configs/NAME.yaml (or a path). A file with `extends: BASE` is BASE
     with this file's keys merged in: see merge_scale."""
     path = Path(name_or_path)
     if not path.is_file():
         path = ROOT / "bench" / "configs" / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise SystemExit(f"--scale {name_or_path}: no such file (bench/configs/ has cpu and gpu)")
+        names = ", ".join(sorted(p.stem for p in (ROOT / "bench" / "configs").glob("*.yaml")))
+        raise SystemExit(f"--scale {name_or_path}: no such file (bench/configs/ has {names})")
+    path = path.resolve()
+    if path in extended_by:
+        chain = " -> ".join(str(p) for p in (*extended_by, path))
+        raise SystemExit(f"{path}: extends itself ({chain})")
     scale = yaml.safe_load(path.read_text())
     base = scale.pop("extends", None)
     if base is not None:
-        if Path(base).stem == path.stem:
-            raise SystemExit(f"{path}: extends itself ({base!r})")
-        scale = merge_scale(load_scale(base), scale)
+        scale = merge_scale(load_scale(base, (*extended_by, path)), scale)
     scale["name"] = path.stem
     return scale
 

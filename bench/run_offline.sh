@@ -41,13 +41,13 @@ pack() {  # whatever there is, on success and on failure alike
 trap pack EXIT
 
 step() {  # name, command...: run it, its output on screen and in OUT/name.log
-    local name=$1
+    local step_name=$1
     shift
-    echo "=== $name: $*"
+    echo "=== $step_name: $*"
     local started=$SECONDS
-    "$@" 2>&1 | tee "$out/$name.log"
+    "$@" 2>&1 | tee "$out/$step_name.log"
     local code=${PIPESTATUS[0]}
-    echo "=== $name: exit $code after $((SECONDS - started)) s"
+    echo "=== $step_name: exit $code after $((SECONDS - started)) s"
     return "$code"
 }
 
@@ -70,7 +70,8 @@ for name in ("transformers", "accelerate", "deepspeed", "datasets", "webdataset"
 EOF
 } 2>&1 | tee "$out/env.txt"
 if [ "$device" = cuda ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-    # DeepSpeed compiles its fused Adam just in time: for this GPU only, which is much quicker.
+    # An op DeepSpeed compiles just in time (FusedAdam, for a config without torch_adam) is
+    # built for this GPU's architecture only, which is much quicker than for every one.
     TORCH_CUDA_ARCH_LIST=$("$python" -c \
         "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || exit 1
     export TORCH_CUDA_ARCH_LIST

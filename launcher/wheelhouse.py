@@ -59,6 +59,16 @@ def applies(requirement: Requirement, python_version: str, extras: set[str]) -> 
     return any(requirement.marker.evaluate({**environment, "extra": e}) for e in extras | {""})
 
 
+def installed_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        raise SystemExit(
+            f"wheelhouse: {name} (needed by recdistill or asked for) is not installed here; "
+            "run `make install`"
+        ) from None
+
+
 def needed_packages(
     roots: list[Requirement], have: set[str], python_version: str, extras: set[str]
 ) -> tuple[dict[str, str], list[str]]:
@@ -79,16 +89,10 @@ def needed_packages(
             direct.append(name)
         if name in needed:
             continue
-        try:
-            distribution = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            raise SystemExit(
-                f"wheelhouse: {name} (needed by recdistill) is not installed here; run `make install`"
-            ) from None
-        needed[name] = distribution.version
+        needed[name] = installed_version(name)
         pending += [
             (Requirement(text), set(requirement.extras), False)
-            for text in distribution.requires or []
+            for text in metadata.requires(name) or []
         ]
     return needed, direct
 
@@ -156,7 +160,7 @@ def main(argv=None) -> int:
     roots = [Requirement(text) for text in metadata.requires("recdistill") or []]
     needed, direct = needed_packages(roots, have, args.python_version, set(args.extras))
     for name in map(canonicalize_name, args.include):
-        needed.setdefault(name, metadata.version(name))
+        needed.setdefault(name, installed_version(name))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, version in sorted(needed.items()):

@@ -237,7 +237,7 @@ def test_scale_files_make_valid_job_configs(scale_name, tmp_path):
 
 def test_scale_extending_another_merges_appends_and_drops(tmp_path):
     """`extends`: mappings merge, overrides append (so later ones win), null drops a key; a
-    chain of files resolves, and the name is the extending file's."""
+    chain of files resolves, a loop is refused, and the name is the extending file's."""
     middle = tmp_path / "middle.yaml"
     middle.write_text(
         "extends: cpu\nseeds: [0]\ndatasets: {beauty: null, ml-1m: {max_len: 20}}\n"
@@ -262,6 +262,15 @@ def test_scale_extending_another_merges_appends_and_drops(tmp_path):
     looped.write_text(f"extends: {looped}\n")
     with pytest.raises(SystemExit, match="extends itself"):
         quality.load_scale(str(looped))
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text(f"extends: {second}\n")
+    second.write_text(f"extends: {first}\n")
+    with pytest.raises(SystemExit, match="extends itself"):
+        quality.load_scale(str(first))
+    # a file of its own named like the scale it extends is no loop
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu/gpu.yaml").write_text("extends: gpu\nseeds: [0]\n")
+    assert quality.load_scale(str(tmp_path / "gpu/gpu.yaml"))["seeds"] == [0]
 
 
 def test_job_past_its_timeout_is_ended_and_named(tmp_path):
