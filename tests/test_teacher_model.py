@@ -255,7 +255,7 @@ def test_train_flops_equal_the_counted_matmuls(case):
     from torch.utils.flop_counter import FlopCounterMode
 
     settings, batch = FLOP_CASES[case]
-    backbone = {**TINY_LLAMA, "_attn_implementation": "eager"}
+    backbone = {**TINY_LLAMA, "attn_implementation": "eager"}
     config = TeacherConfig(num_items=40, backbone=backbone, item_dim=16, **settings)
     model = LLMRecTeacher(config).train()
     with FlopCounterMode(display=False) as counter:
@@ -269,7 +269,7 @@ def test_train_flops_equal_the_counted_matmuls(case):
 
 def test_train_flops_of_lora_and_padding():
     batch = sequence_batch([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
-    backbone = {**TINY_LLAMA, "_attn_implementation": "eager"}
+    backbone = {**TINY_LLAMA, "attn_implementation": "eager"}
     config = TeacherConfig(num_items=40, backbone=backbone, item_dim=16, lora={"r": 2})
     from torch.utils.flop_counter import FlopCounterMode
 
