@@ -7,10 +7,13 @@ Per dataset:
 1. Inference: the seed-0 teacher and every plain seed-0 student score the whole catalogue for the
    test users, same batches, same device: users/s, median latency per batch, and each student's
    speed-up over the teacher (trainer/evaluate.py's inference_speed).
-2. Distillation data path: one student (--student, with DLLM2Rec + SLMRec losses, i.e. every
-   teacher field in use) trains for --steps optimizer steps (a) streaming the shards through
+2. Distillation data path: every student (with DLLM2Rec + SLMRec losses, i.e. every teacher
+   field in use) trains for --steps optimizer steps (a) streaming the shards through
    TeacherShardStream and the DataLoader exactly as trainer/distill.py does and (b) from the
-   same batches already collated in memory. samples/s of each; (a)/(b) is the data path's cost.
+   same batches already in memory. samples/s of each; (a)/(b) is the data path's cost, and
+   1 - (a)/(b) its share of a training step. Then the loader alone (bench/data_path.py):
+   positions/s and MB/s per worker setting, the raw read rate of the same files, and the
+   format-1 loader on the same samples.
 3. Storage: shard bytes per training example against storing the full float32 logits for every
    position (positions x items x 4 bytes).
 4. Teacher fine-tune throughput, read from the seed-0 teacher's metrics.jsonl (measured during
@@ -36,9 +39,17 @@ from recdistill.models.distillation import DistillationObjective
 from recdistill.trainer import distill
 from recdistill.trainer.config import load_config
 from recdistill.trainer.data.pipeline import load_sequences
-from recdistill.trainer.data.shard_stream import TeacherShardStream, make_loader
+from recdistill.trainer.data.shard_stream import (
+    TeacherShardStream,
+    batch_to_device,
+    iter_batches,
+    make_loader,
+)
 from recdistill.trainer.data.shards import ITEM_TABLE_FILE, load_manifest
 from recdistill.trainer.evaluate import eval_split, inference_speed, student_fns, teacher_fns
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import data_path as loader_bench  # noqa: E402 - bench/data_path.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +79,7 @@ def inference(work: Path, device: torch.device, batch_size: int) -> dict:
 def train_steps(objective, optimizer, batches, device) -> int:
     samples = 0
     for batch in batches:
-        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        batch = batch_to_device(batch, device)
         terms = objective(batch)
         terms["total"].backward()
         optimizer.step()
@@ -77,9 +88,12 @@ def train_steps(objective, optimizer, batches, device) -> int:
     return samples
 
 
-def data_path(work: Path, student: str, steps: int, workers: int, device: torch.device) -> dict:
+def data_path(
+    work: Path, student: str, steps: int, workers: int | None, device: torch.device
+) -> dict:
     """samples/s of the same training steps, batches streamed from shards vs held in memory."""
     cfg = load_config(work / f"configs/{student}_both_s0.yaml", [], distill.DEFAULTS)
+    workers = cfg["shards"]["workers"] if workers is None else workers
     shard_dir = work / "shards"
     manifest = load_manifest(shard_dir)
     _, stats = load_sequences(work / "data")
@@ -95,21 +109,19 @@ def data_path(work: Path, student: str, steps: int, workers: int, device: torch.
         return objective, torch.optim.AdamW(objective.parameters(), lr=cfg["train"]["lr"])
 
     def stream_batches():
+        """steps + 1 batches as trainer/distill.py draws them (one loader across epochs)."""
         stream = TeacherShardStream(shard_dir, manifest, 0, 1, batch_size, workers, seed=0)
-        per_epoch = stream.steps_per_epoch()
-        made, epoch = 0, 0
-        while made < steps + 1:
-            stream.set_position(epoch)
-            for batch in make_loader(stream, pin_memory=device.type == "cuda"):
-                if "skipped_shards" in batch:
-                    continue
-                yield batch
-                made += 1
-                if made == steps + 1:
-                    return
-            epoch += 1
-            if per_epoch == 0:
-                raise SystemExit(f"{shard_dir}: fewer samples than one batch of {batch_size}")
+        if stream.steps_per_epoch() == 0:
+            raise SystemExit(f"{shard_dir}: fewer samples than one batch of {batch_size}")
+        loader = make_loader(stream, pin_memory=device.type == "cuda")
+        made = 0
+        for batch in iter_batches(loader):
+            if "skipped_shards" in batch:
+                continue
+            yield batch
+            made += 1
+            if made == steps + 1:
+                return
 
     def timed(batches) -> float:
         objective, optimizer = build()
@@ -135,7 +147,14 @@ def data_path(work: Path, student: str, steps: int, workers: int, device: torch.
         "samples_per_s_from_shards": from_shards,
         "samples_per_s_in_memory": from_memory,
         "shards_vs_in_memory": from_shards / from_memory,
+        "data_path_share_of_step": 1 - from_shards / from_memory,
     }
+
+
+def students_in(work: Path) -> list[str]:
+    return sorted(
+        p.name.removesuffix("_both_s0.yaml") for p in (work / "configs").glob("*_both_s0.yaml")
+    )
 
 
 def teacher_training(work: Path) -> dict:
@@ -194,7 +213,7 @@ def markdown(report: dict) -> str:
                 f"| {model} | {entry['users_per_s']:,.0f} | {entry['latency_ms_per_batch']:.1f} | "
                 f"{entry['speedup_vs_teacher']:.1f}x |"
             )
-        path, store, teacher = result["data_path"], result["storage"], result["teacher_training"]
+        store, teacher = result["storage"], result["teacher_training"]
         mfu = f", MFU {100 * teacher['mfu']:.1f}%" if "mfu" in teacher else ""
         lines += [
             "",
@@ -204,12 +223,20 @@ def markdown(report: dict) -> str:
             f"{teacher['tflops_per_device']:.4g} model TFLOP/s per device{mfu} "
             f"(medians of {teacher['windows']} logged windows).",
             "",
-            f"Distillation ({path['student']}, all losses, batch {path['batch_size']}, "
-            f"{path['steps']} steps, {path['loader_workers']} loader worker(s)): "
-            f"{path['samples_per_s_from_shards']:,.0f} samples/s from shards, "
-            f"{path['samples_per_s_in_memory']:,.0f} from in-memory tensors "
-            f"(ratio {path['shards_vs_in_memory']:.2f}).",
+            "Distillation, all losses, the same steps from shards vs from batches in memory:",
             "",
+            "| student | batch | steps | loader workers | samples/s from shards | in memory | ratio | data path's share of a step |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for path in result["data_path"]:
+            lines.append(
+                f"| {path['student']} | {path['batch_size']} | {path['steps']} | "
+                f"{path['loader_workers']} | {path['samples_per_s_from_shards']:,.0f} | "
+                f"{path['samples_per_s_in_memory']:,.0f} | {path['shards_vs_in_memory']:.2f} | "
+                f"{100 * path['data_path_share_of_step']:.1f}% |"
+            )
+        lines += ["", *loader_bench.markdown(result["loader"]), ""]
+        lines += [
             f"Storage: {store['bytes_per_example'] / 1e3:,.1f} kB per example (top-{store['topk']}, "
             f"hidden states) vs {store['full_float32_logits_bytes_per_example'] / 1e3:,.1f} kB of "
             f"full float32 logits: {100 * store['shards_vs_full_logits']:.1f}%.",
@@ -227,9 +254,30 @@ def main(argv=None) -> int:
     parser.add_argument("--datasets", nargs="*", help="subset of the datasets in --work")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--batch-size", type=int, default=256, help="inference users per batch")
-    parser.add_argument("--student", default="sasrec", help="student of the data-path run")
+    parser.add_argument(
+        "--students",
+        nargs="*",
+        help="students of the data-path runs (default: every one in --work)",
+    )
     parser.add_argument("--steps", type=int, default=60, help="training steps per data path")
-    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers when streaming")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="DataLoader workers when streaming (default: the distillation config's shards.workers)",
+    )
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="worker settings of the loader-only runs (default 0 1 2)",
+    )
+    parser.add_argument(
+        "--loader-batch-size",
+        type=int,
+        default=64,
+        help="batch of the loader-only runs (default 64)",
+    )
     parser.add_argument(
         "--results",
         default=str(ROOT / "bench/results"),
@@ -262,7 +310,13 @@ def main(argv=None) -> int:
         print(f"speed: {name}", flush=True)
         report["datasets"][name] = {
             "inference": inference(work / name, device, args.batch_size),
-            "data_path": data_path(work / name, args.student, args.steps, args.workers, device),
+            "data_path": [
+                data_path(work / name, student, args.steps, args.workers, device)
+                for student in args.students or students_in(work / name)
+            ],
+            "loader": loader_bench.measure(
+                work / name / "shards", args.loader_batch_size, args.loader_workers, epochs=3
+            ),
             "storage": storage(work / name),
             "teacher_training": teacher_training(work / name),
         }

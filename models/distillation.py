@@ -155,10 +155,16 @@ class DistillationObjective(nn.Module):
         return torch.randint(1, self.num_items + 1, shape, device=device)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every switched-on term for one batch (trainer/data/shard_stream.py's `to_batch`).
+
+        The teacher's outputs come flat over the M positions that have a target;
+        `target_positions` [M] says where each sits in the [B * L] student positions, so no
+        boolean mask (and no host sync) is needed to pick them.
+        """
         cfg = self.cfg
         out, table = self.encode(batch["item_ids"], batch["lengths"])
-        valid = batch["targets"] > 0  # [B, L]: positions with a target and teacher outputs
-        reps, targets = out.user_reps[valid], batch["targets"][valid]  # [M, d], [M]
+        at = batch["target_positions"]  # [M]
+        reps, targets = out.user_reps.flatten(0, 1)[at], batch["targets"]  # [M, d], [M]
         terms: dict[str, torch.Tensor] = {}
         if cfg["next_item"] == "ce":
             terms["next_item"] = next_item_ce(reps, table, targets, cfg["chunk_size"]).mean()
@@ -172,7 +178,7 @@ class DistillationObjective(nn.Module):
 
         if cfg["ranking"]["enabled"]:
             k = cfg["ranking"]["k"]
-            candidates = batch["teacher_topk_ids"][valid][:, :k]  # [M, K]
+            candidates = batch["teacher_topk_ids"][:, :k]  # [M, K]
             cand_scores = (reps[:, None, :] * table[candidates]).sum(-1)
             negatives = self._negatives(candidates.shape, candidates.device)
             neg_scores = (reps[:, None, :] * table[negatives]).sum(-1)
@@ -180,8 +186,12 @@ class DistillationObjective(nn.Module):
                 reps.detach(), table.detach(), k=k, chunk_size=cfg["chunk_size"]
             ).topk_ids
             in_own_top = (candidates[:, :, None] == own_top[:, None, :]).any(-1)
+            # -log p of each candidate under the teacher's full-catalogue softmax
+            confidence = (
+                batch["teacher_logsumexp"][:, :1] - batch["teacher_topk_scores"][:, :k].float()
+            )
             weights = ranking_weights(
-                batch["teacher_confidence"][valid][:, :k],
+                confidence,
                 in_own_top,
                 tuple(cfg["ranking"]["mix"]),
                 cfg["ranking"]["position_lambda"],
@@ -194,18 +204,16 @@ class DistillationObjective(nn.Module):
         if cfg["logits"]["enabled"]:
             logit_cfg = cfg["logits"]
             k = logit_cfg["k"] or batch["teacher_topk_ids"].shape[-1]
-            candidates = batch["teacher_topk_ids"][valid][:, :k]
+            candidates = batch["teacher_topk_ids"][:, :k]
             cand_scores = (reps[:, None, :] * table[candidates]).sum(-1)
             temperature = float(logit_cfg["temperature"])
             teacher_lse = student_lse = None
             if logit_cfg["tail"] == "bucket":
-                teacher_lse = batch["teacher_logsumexp"][valid][
-                    :, self.temperature_index(temperature)
-                ]
+                teacher_lse = batch["teacher_logsumexp"][:, self.temperature_index(temperature)]
                 student_lse = student_logsumexp(reps, table, temperature, cfg["chunk_size"])
             kl = topk_kl(
                 cand_scores,
-                batch["teacher_topk_scores"][valid][:, :k],
+                batch["teacher_topk_scores"][:, :k],
                 temperature,
                 logit_cfg["tail"],
                 teacher_lse,
@@ -217,20 +225,21 @@ class DistillationObjective(nn.Module):
             align = cfg["alignment"]
             rows = torch.arange(batch["item_ids"].shape[0], device=reps.device)[:, None]
             positions = batch["hidden_positions"]  # [B, P]
+            mask = batch["hidden_mask"].float()  # [B, P]: short sequences store fewer positions
             cosines, squares = [], []
             for block, layer in self.pairs.items():
                 student_states = self.aligners[str(block)](
                     out.block_states[block - 1][rows, positions]
                 )
                 cosine, squared = feature_alignment(student_states, batch[f"hidden_{layer}"])
-                cosines.append(cosine.mean())
-                squares.append(squared.mean())
+                cosines.append((cosine * mask).sum() / mask.sum())
+                squares.append((squared * mask).sum() / mask.sum())
             terms["align_cos"] = align["cos_weight"] * torch.stack(cosines).mean()
             terms["align_l2"] = align["l2_weight"] * torch.stack(squares).mean()
             if self.heads:
                 head_losses = [
                     next_item_ce(
-                        head(out.block_states[int(block) - 1][valid]),
+                        head(out.block_states[int(block) - 1].flatten(0, 1)[at]),
                         table,
                         targets,
                         cfg["chunk_size"],

@@ -152,14 +152,30 @@ def test_quality_and_speed_end_to_end(tmp_path):
 
     assert (
         speed.main(
-            ["--work", str(work), "--scale", "toy", "--steps", "5", "--results", str(results)]
+            [
+                "--work",
+                str(work),
+                "--scale",
+                "toy",
+                "--steps",
+                "5",
+                "--loader-batch-size",
+                "4",
+                "--results",
+                str(results),
+            ]
         )
         == 0
     )
     measured = json.loads((results / "speed_toy.json").read_text())["datasets"]["toy"]
     assert set(measured["inference"]) == {"teacher", "sasrec", "gru4rec"}
     assert measured["inference"]["teacher"]["speedup_vs_teacher"] == 1.0
-    assert measured["data_path"]["samples_per_s_from_shards"] > 0
+    assert {p["student"] for p in measured["data_path"]} == {"sasrec", "gru4rec"}
+    assert all(p["samples_per_s_from_shards"] > 0 for p in measured["data_path"])
+    loader = measured["loader"]  # the loader alone, against the raw read and format 1
+    assert [e["workers"] for e in loader["loaders"]] == [0, 1, 2]
+    assert loader["raw_read_mb_per_s"] > 0 and loader["format1_loader"]["positions_per_s"] > 0
+    assert loader["bytes_per_position_vs_format1"] < 1
     teacher = measured["teacher_training"]  # read back from the teacher's own log
     teacher_metrics = json.loads((work / "toy/teacher_s0/final/metrics.json").read_text())
     assert teacher["steps"] == teacher_metrics["steps"] and teacher["windows"] >= 1

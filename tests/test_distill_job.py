@@ -51,6 +51,7 @@ def evaluate_cli(pipeline, tmp_path, *args) -> tuple[dict, subprocess.CompletedP
 
 
 def terms_by_step(out) -> dict[int, dict]:
+    """Each logged window's mean terms, by its last step (a resumed run's later line wins)."""
     return {r["step"]: r["terms"] for r in read_jsonl(out / "metrics.jsonl") if "terms" in r}
 
 
@@ -61,7 +62,7 @@ def test_distilled_student_beats_plain_student(pipeline, tmp_path):
     distilled = json.loads((tmp_path / "distilled/final/metrics.json").read_text())["student"]
     assert distilled["ndcg@10"] > plain["ndcg@10"]
     steps = terms_by_step(tmp_path / "distilled")
-    first, last = [steps[s] for s in sorted(steps)[:10]], [steps[s] for s in sorted(steps)[-10:]]
+    first, last = [steps[s] for s in sorted(steps)[:3]], [steps[s] for s in sorted(steps)[-3:]]
     for term in ("next_item", "ranking", "logits"):
         assert sum(t[term] for t in last) < sum(t[term] for t in first), term
     # the evaluation CLI scores the saved students (collaborative embedding included) the same way
@@ -95,8 +96,8 @@ def test_killed_run_resumes_exactly(pipeline, tmp_path):
     assert killed.returncode != 0 and not (tmp_path / "cut/final").exists()
     run_distill(pipeline, tmp_path / "cut", *common, "--resume")
     whole, resumed = terms_by_step(tmp_path / "whole"), terms_by_step(tmp_path / "cut")
-    assert sorted(resumed) == list(range(1, 41))
-    for step in range(21, 41):
+    assert sorted(resumed) == list(range(5, 41, 5))  # one line per logging window
+    for step in range(25, 41, 5):
         for term, value in whole[step].items():
             assert resumed[step][term] == pytest.approx(value, rel=1e-5), (step, term)
 

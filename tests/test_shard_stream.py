@@ -7,14 +7,22 @@ import tarfile
 import numpy as np
 import pytest
 
-from recdistill.trainer.data.shard_stream import TeacherShardStream, make_loader
+from recdistill.trainer.data.shard_stream import (
+    TeacherShardStream,
+    iter_batches,
+    make_loader,
+    pack_batch,
+    to_batch,
+    unpack_batch,
+)
 from recdistill.trainer.data.shards import ShardError, ShardSink, verify_group
 
 
 def write_shards(out, group_sizes: list[int], k: int = 4) -> dict:
-    """Fake teacher shards: sample i of the whole set has item_ids [i + 1] and target i + 2."""
+    """Fake teacher shards: sample i of the whole set has item_ids [i + 1] and target i + 2,
+    in blocks of 16 samples."""
     out.mkdir()
-    sink = ShardSink(out, max_count=10_000, max_bytes=10**9)
+    sink = ShardSink(out, max_blocks=10_000, max_bytes=10**9, block_size=16)
     index = 0
     for group, size in enumerate(group_sizes):
         sink.start_group(group)
@@ -22,11 +30,10 @@ def write_shards(out, group_sizes: list[int], k: int = 4) -> dict:
             sink.put(
                 f"s{index:06d}",
                 {
-                    "item_ids": np.asarray([index + 1], np.int32),
-                    "targets": np.asarray([index + 2], np.int32),
-                    "topk_ids": np.arange(1, k + 1, dtype=np.int32)[None],
+                    "item_ids": np.asarray([index + 1], np.uint16),
+                    "targets": np.asarray([index + 2], np.uint16),
+                    "topk_ids": np.arange(1, k + 1, dtype=np.uint16)[None],
                     "topk_scores": np.zeros((1, k), np.float16),
-                    "confidence": np.zeros((1, k), np.float16),
                     "logsumexp": np.zeros((1, 1), np.float32),
                     "target_logprob": np.zeros(1, np.float32),
                     "user_row": np.asarray([index], np.int64),
@@ -46,7 +53,13 @@ def epoch_batches(
         out, manifest, rank, world, batch_size, workers, seed=3, on_error=on_error
     )
     stream.set_position(1, start)
-    items = list(make_loader(stream))
+    items, batches = [], 0
+    # the stream runs on into the next epoch by itself: take this epoch's batches
+    for item in iter_batches(make_loader(stream)):
+        if "item_ids" in item and batches == stream.steps_per_epoch() - start:
+            break
+        items.append(item)
+        batches += "item_ids" in item
     return (
         stream,
         [item for item in items if "item_ids" in item],
@@ -84,17 +97,19 @@ def test_batches_carry_teacher_outputs_at_target_positions(tmp_path):
     manifest = write_shards(tmp_path / "s", [40, 40])
     _, batches, skipped = epoch_batches(tmp_path / "s", manifest, rank=0, workers=1)
     batch = batches[0]
-    assert (batch["targets"][:, 0] == batch["item_ids"][:, 0] + 1).all()
-    assert batch["teacher_topk_ids"].shape == (16, 1, 4) and skipped == []
+    assert (batch["targets"].long() == batch["item_ids"][:, 0].long() + 1).all()
+    assert batch["target_positions"].tolist() == list(range(16))  # [B, L] = [16, 1]
+    assert batch["teacher_topk_ids"].shape == (16, 4) and skipped == []
 
 
 def damage(path, how):
     data = bytearray(path.read_bytes())
-    if how == "truncate":
-        path.write_bytes(bytes(data[: len(data) // 2]))
+    with tarfile.open(path) as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+    if how == "truncate":  # cut inside the last block (the tail of a tar is only padding)
+        path.write_bytes(bytes(data[: members[-1].offset_data + members[-1].size // 2]))
         return
-    with tarfile.open(path) as tar:  # flip a byte inside the third sample's payload
-        member = [m for m in tar.getmembers() if m.isfile()][2]
+    member = members[2]  # flip a byte inside the third block's payload
     data[member.offset_data + member.size - 3] ^= 0xFF
     path.write_bytes(bytes(data))
 
@@ -117,6 +132,12 @@ def test_damaged_shard_skipped_is_counted_and_named(tmp_path):
     for rank in (0, 1):
         reports += epoch_batches(tmp_path / "s", manifest, rank, workers=1, on_error="skip")[2]
     assert len(reports) == 1 and victim.name in reports[0]
+    # the damaged shard's rank still makes the planned batches, from its other shards
+    for rank in (0, 1):
+        stream, batches, _ = epoch_batches(
+            tmp_path / "s", manifest, rank, workers=1, on_error="skip"
+        )
+        assert len(batches) == stream.steps_per_epoch()
 
 
 def test_too_few_shards_for_the_ranks_is_a_clear_error(tmp_path):
@@ -132,7 +153,9 @@ def test_resampled_mode_streams_batches_without_data_state(tmp_path):
     )
     assert stream.steps_per_epoch() == 150 // (8 * 2)
     batches = []
-    for batch in make_loader(stream):  # an endless stream: the job stops it after its steps
+    for batch in iter_batches(
+        make_loader(stream)
+    ):  # an endless stream: the job stops it after its steps
         batches.append(batch)
         if len(batches) == 30:
             break
@@ -141,3 +164,37 @@ def test_resampled_mode_streams_batches_without_data_state(tmp_path):
     # its 50 distinct samples
     assert len(ids) == 240 and 50 <= len(set(ids)) < 240
     assert all(1 <= i <= 150 for i in ids)
+
+
+def test_to_batch_gathers_ragged_samples_hand_worked():
+    # two samples: items [5, 6, 7] (targets at all 3 positions, hidden at positions 1 and 2)
+    # and [9] (one target, one hidden position); bf16 hidden states travel as uint16 bits
+    hidden = np.asarray([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], np.float32)
+    ragged = {
+        "counts_items": np.asarray([3, 1]),
+        "counts_targets": np.asarray([3, 1]),
+        "counts_hidden": np.asarray([2, 1]),
+        "item_ids": np.asarray([5, 6, 7, 9], np.uint16),
+        "targets": np.asarray([6, 7, 8, 10], np.uint16),
+        "topk_ids": np.arange(8, dtype=np.uint16).reshape(4, 2),
+        "topk_scores": np.zeros((4, 2), np.float16),
+        "logsumexp": np.zeros((4, 1), np.float32),
+        "target_logprob": np.zeros(4, np.float32),
+        "hidden_positions": np.asarray([1, 2, 0], np.int32),
+        "hidden_3": (hidden.view(np.uint32) >> 16).astype(np.uint16),
+    }
+    batch = to_batch(ragged, "sequence")
+    assert batch["item_ids"].tolist() == [[5, 6, 7], [9, 0, 0]]
+    assert batch["target_positions"].tolist() == [0, 1, 2, 3]  # flat index into [2 x 3]
+    assert batch["hidden_positions"].tolist() == [[1, 2], [0, 0]]
+    assert batch["hidden_mask"].tolist() == [[True, True], [True, False]]
+    assert batch["hidden_3"][1].tolist() == [[5.0, 6.0], [0.0, 0.0]]
+    # prefix mode: the one target of each sample sits at its last item
+    prefix = dict(ragged, counts_targets=np.asarray([1, 1]), targets=np.asarray([8, 10]))
+    for key in ("topk_ids", "topk_scores", "logsumexp", "target_logprob"):
+        prefix[key] = ragged[key][:2]
+    assert to_batch(prefix, "prefix")["target_positions"].tolist() == [2, 3]
+    # what crosses from a loader worker: one buffer, unpacked into the same tensors
+    unpacked = unpack_batch(pack_batch(batch))
+    assert unpacked.keys() == batch.keys()
+    assert all(unpacked[k].equal(batch[k]) and unpacked[k].dtype == batch[k].dtype for k in batch)

@@ -37,11 +37,16 @@ from recdistill.models.distillation import LOSS_DEFAULTS, DistillationObjective
 from recdistill.models.student_io import load_student
 from recdistill.trainer.config import load_config, start_run_dir
 from recdistill.trainer.data.pipeline import load_sequences
-from recdistill.trainer.data.shard_stream import TeacherShardStream, make_loader
+from recdistill.trainer.data.shard_stream import (
+    TeacherShardStream,
+    batch_to_device,
+    iter_batches,
+    make_loader,
+)
 from recdistill.trainer.data.shards import ITEM_TABLE_FILE, ShardError, load_manifest, sha256_file
 from recdistill.trainer.evaluate import all_reduce_sums, eval_split, ranking_sums
 from recdistill.trainer.metrics import finalize
-from recdistill.trainer.requeue import stop_requested
+from recdistill.trainer.requeue import STOP_FILE
 from recdistill.trainer.shutdown import run_and_exit
 
 DEFAULTS: dict = {
@@ -52,7 +57,8 @@ DEFAULTS: dict = {
     "shards": {
         "dir": None,  # trainer/precompute.py output
         "mode": "exact",  # exact (resumes mid-epoch exactly) | resampled (restart-safe, no data state)
-        "workers": 1,  # DataLoader workers per rank
+        "workers": 2,  # DataLoader worker processes per rank (0: read in the training process)
+        "prefetch": 4,  # batches each worker prepares ahead
         "shuffle_buffer": 1000,  # resampled mode's sample shuffle buffer
         "on_error": "raise",  # raise | skip (damaged shards skipped whole, counted and logged)
         "verify_checksums": False,  # sha256 of every shard at start (reads all of them once)
@@ -229,33 +235,29 @@ class TrainState:
 
 class LossWatch:
     """Stops the job when a configured distillation term is NaN, or 0 for a whole logging window
-    (SLMRec's own code silently trains without distillation when a term fails)."""
+    (SLMRec's own code silently trains without distillation when a term fails). It sees each
+    window's mean of every term: terms are never negative, so a mean of 0 is 0 at every step."""
 
     def __init__(self, expected: list[str], window: int):
         self.expected, self.window = expected, window
-        self.nonzero = {name: False for name in expected}
-        self.seen = 0
 
     def update(self, terms: dict[str, float], step: int) -> None:
         for name, value in terms.items():
             if not math.isfinite(value):
-                raise RuntimeError(f"step {step}: loss term {name!r} is {value}")
+                raise RuntimeError(
+                    f"steps {step - self.window + 1}-{step}: loss term {name!r} is {value}"
+                )
         for name in self.expected:
             if name not in terms:
                 raise RuntimeError(
                     f"step {step}: loss term {name!r} is configured on but was not computed"
                 )
-            self.nonzero[name] |= terms[name] != 0.0
-        self.seen += 1
-        if self.seen == self.window:
-            dead = [name for name, alive in self.nonzero.items() if not alive]
-            if dead:
-                raise RuntimeError(
-                    f"step {step}: loss term(s) {dead} configured on but 0 for the last {self.window} steps: "
-                    "check that the shards carry the teacher outputs they need"
-                )
-            self.nonzero = {name: False for name in self.expected}
-            self.seen = 0
+        dead = [name for name in self.expected if terms[name] == 0.0]
+        if dead:
+            raise RuntimeError(
+                f"step {step}: loss term(s) {dead} configured on but 0 for the last {self.window} steps: "
+                "check that the shards carry the teacher outputs they need"
+            )
 
 
 def expected_terms(loss_cfg: dict) -> list[str]:
@@ -294,12 +296,38 @@ def next_batch(batches, state: dict, accelerator):
     return None
 
 
-def all_ranks_agree(flag: bool, device) -> bool:
-    """True only if every rank says True (a rank whose shards ran out ends the epoch for all)."""
-    value = torch.tensor([1 if flag else 0], device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+class TermWindow:
+    """Loss terms summed on the device over a logging window: the host reads them (one
+    all-reduce, one sync) only when the window is logged, never per step."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.micro_steps, self.samples, self.started = 0, 0, time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor], samples: int) -> None:
+        for name, value in terms.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.micro_steps += 1
+        self.samples += samples
+
+    def reduce(self, accelerator, skipped_shards: int, stop_flag: bool) -> tuple[dict, int, bool]:
+        """(mean of each term over the window and the ranks, skipped shards of all ranks, whether
+        any rank was asked to stop): one all-reduce for all of it."""
+        names = list(self.sums)
+        local = torch.stack(
+            [self.sums[n] / max(1, self.micro_steps) for n in names]
+            + [torch.tensor(float(skipped_shards), device=self.device)]
+            + [torch.tensor(float(stop_flag), device=self.device)]
+        )
+        summed = accelerator.reduce(local, reduction="sum").tolist()
+        world = accelerator.num_processes
+        terms = {name: value / world for name, value in zip(names, summed)}
+        return terms, int(summed[-2]), summed[-1] > 0
 
 
 # ---- the job -------------------------------------------------------------------------------
@@ -362,10 +390,7 @@ def main(argv=None) -> int:
         shard_cfg["shuffle_buffer"],
         shard_cfg["on_error"],
     )
-    micro_per_epoch = []
-    for epoch in range(train_cfg["epochs"]):
-        stream.set_position(epoch)
-        micro_per_epoch.append(stream.steps_per_epoch())
+    micro_per_epoch = [stream.steps_per_epoch(epoch) for epoch in range(train_cfg["epochs"])]
     if min(micro_per_epoch) < train_cfg["grad_accum"]:
         raise SystemExit(
             f"{shard_dir}: too few samples for one step of {world} x {train_cfg['batch_size']}"
@@ -433,96 +458,84 @@ def main(argv=None) -> int:
         unit="step",
         disable=not accelerator.is_main_process,
     )
-    window = {"started": time.perf_counter(), "samples": 0, "terms": {}}
+    window = TermWindow(accelerator.device)
+    log_every = train_cfg["log_every"]
     objective.train()
+    # One loader for the whole job: the stream runs on across epochs by itself, and every rank
+    # knows each epoch's batch count from the plan, so no step asks the other ranks anything.
+    stream.set_position(s["epoch"], s["batch_in_epoch"])
+    loader = make_loader(
+        stream, pin_memory=accelerator.device.type == "cuda", prefetch=shard_cfg["prefetch"]
+    )
+    batches = iter_batches(loader)
     while s["step"] < total_steps and not s["stopped"]:
-        stream.set_position(s["epoch"], s["batch_in_epoch"])
-        micro_steps = stream.steps_per_epoch()
-        batches = iter(make_loader(stream, pin_memory=accelerator.device.type == "cuda"))
-        ran_out = False
-        while s["batch_in_epoch"] < micro_steps and s["step"] < total_steps and not s["stopped"]:
-            batch = next_batch(batches, s, accelerator)
-            if not all_ranks_agree(batch is not None, accelerator.device):
-                ran_out = True  # skipped shards left some rank short: the epoch ends for all
-                break
-            batch = {
-                key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()
-            }
-            with accelerator.accumulate(objective):
-                terms = objective(batch)
-                accelerator.backward(terms["total"])
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            s["batch_in_epoch"] += 1
-            window["samples"] += len(batch["lengths"]) * world
-            reduced = {
-                name: accelerator.reduce(value.detach(), reduction="mean").item()
-                for name, value in terms.items()
-            }
-            for name, value in reduced.items():
-                window["terms"][name] = window["terms"].get(name, 0.0) + value
-            if not accelerator.sync_gradients:
-                continue
-            s["step"] += 1
-            step = s["step"]
-            watch.update(reduced, step)
-            progress.update(1)
-            if step % train_cfg["log_every"] == 0:
-                elapsed = time.perf_counter() - window["started"]
-                record = {
-                    f"loss/{k}": v / (train_cfg["log_every"] * train_cfg["grad_accum"])
-                    for k, v in window["terms"].items()
-                }
-                record["samples_per_s"] = window["samples"] / elapsed
-                record["lr"] = scheduler.get_last_lr()[0]
-                skipped = torch.tensor(s["skipped_shards"], device=accelerator.device)
-                record["skipped_shards"] = int(accelerator.reduce(skipped, reduction="sum").item())
-                accelerator.log(record, step=step)
-                write_metrics({"step": step, "terms": reduced, **record})
-                progress.set_postfix(
-                    loss=f"{record['loss/total']:.4f}", samples_s=f"{record['samples_per_s']:.0f}"
-                )
-                window = {"started": time.perf_counter(), "samples": 0, "terms": {}}
-            else:
-                write_metrics({"step": step, "terms": reduced})
-            if step % train_cfg["eval_every"] == 0 or step == total_steps:
-                valid = evaluate_split(valid_examples, valid_seen)
-                valid_record = {f"valid/{k}": v for k, v in valid.items()}
-                accelerator.log(valid_record, step=step)
-                write_metrics({"step": step, **valid_record})  # the curve, beside the terms
-                if valid["ndcg@10"] > s["best_ndcg"]:
-                    s["best_ndcg"], s["bad_evals"] = valid["ndcg@10"], 0
-                    if accelerator.is_main_process:
-                        save_file(
-                            {
-                                k: v.detach().cpu().contiguous()
-                                for k, v in model.state_dict().items()
-                            },
-                            str(output_dir / "best.safetensors"),
-                        )
-                else:
-                    s["bad_evals"] += 1
-                    s["stopped"] = s["bad_evals"] >= train_cfg["patience"]
+        batch = next_batch(batches, s, accelerator)
+        if batch is None:
+            raise ShardError(f"{shard_dir}: the shard stream ended early on rank {rank}")
+        batch = batch_to_device(batch, accelerator.device)
+        with accelerator.accumulate(objective):
+            terms = objective(batch)
+            accelerator.backward(terms["total"])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        window.add(terms, len(batch["lengths"]) * world)
+        s["batch_in_epoch"] += 1
+        if s["batch_in_epoch"] == stream.steps_per_epoch(s["epoch"]):
+            s["epoch"], s["batch_in_epoch"] = s["epoch"] + 1, 0
+        if not accelerator.sync_gradients:
+            continue
+        s["step"] += 1
+        step = s["step"]
+        progress.update(1)
+        stop = False
+        if step % log_every == 0 or step == total_steps:
+            # The only host sync of a training step, every log_every steps: terms, skipped shards
+            # and the stop request travel in one all-reduce.
+            asked = accelerator.is_main_process and (output_dir / STOP_FILE).exists()
+            means, skipped, stop = window.reduce(accelerator, s["skipped_shards"], asked)
+            watch.update(means, step)
+            record = {f"loss/{k}": v for k, v in means.items()}
+            record["samples_per_s"] = window.samples / (time.perf_counter() - window.started)
+            record["lr"] = scheduler.get_last_lr()[0]
+            record["skipped_shards"] = skipped
+            accelerator.log(record, step=step)
+            write_metrics(
+                {"step": step, "micro_steps": window.micro_steps, "terms": means, **record}
+            )
+            progress.set_postfix(
+                loss=f"{means['total']:.4f}", samples_s=f"{record['samples_per_s']:.0f}"
+            )
+            window.reset()
+        if step % train_cfg["eval_every"] == 0 or step == total_steps:
+            valid = evaluate_split(valid_examples, valid_seen)
+            valid_record = {f"valid/{k}": v for k, v in valid.items()}
+            accelerator.log(valid_record, step=step)
+            write_metrics({"step": step, **valid_record})  # the curve, beside the terms
+            if valid["ndcg@10"] > s["best_ndcg"]:
+                s["best_ndcg"], s["bad_evals"] = valid["ndcg@10"], 0
                 if accelerator.is_main_process:
-                    progress.write(
-                        f"step {step}: valid ndcg@10 {valid['ndcg@10']:.4f} hr@10 {valid['hr@10']:.4f}"
+                    save_file(
+                        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                        str(output_dir / "best.safetensors"),
                     )
-            if step % train_cfg["save_every"] == 0:
-                save_checkpoint()
-            if train_cfg["kill_at_step"] == step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if stop_requested(output_dir, accelerator.device):
-                save_checkpoint()
-                accelerator.print(
-                    f"stop requested: checkpointed step {step}, exiting to be requeued"
+            else:
+                s["bad_evals"] += 1
+                s["stopped"] = s["bad_evals"] >= train_cfg["patience"]
+            if accelerator.is_main_process:
+                progress.write(
+                    f"step {step}: valid ndcg@10 {valid['ndcg@10']:.4f} hr@10 {valid['hr@10']:.4f}"
                 )
-                accelerator.end_training()
-                dist.destroy_process_group()
-                return 0
-        if ran_out or s["batch_in_epoch"] >= micro_steps:
-            s["epoch"] += 1
-            s["batch_in_epoch"] = 0
+        if step % train_cfg["save_every"] == 0:
+            save_checkpoint()
+        if train_cfg["kill_at_step"] == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if stop:
+            save_checkpoint()
+            accelerator.print(f"stop requested: checkpointed step {step}, exiting to be requeued")
+            accelerator.end_training()
+            dist.destroy_process_group()
+            return 0
     progress.close()
 
     accelerator.wait_for_everyone()

@@ -3,11 +3,13 @@
     deepspeed --num_gpus 8 trainer/precompute.py --config configs/precompute_demo.yaml [key=value ...]
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 trainer/precompute.py --config configs/precompute_demo.yaml
 
-Per sample (one tar entry, a safetensors blob): input item ids, targets, the teacher's top-K ids
-(int32) and scores (float16), confidence per candidate (-log p under the teacher's full-catalogue
-softmax), log-sum-exp over the whole catalogue per temperature, log p of the true next item, and
-hidden states of the configured layers at the configured positions (float16 / bfloat16 / int8
-with a per-row scale). Once per run: the teacher's item table and manifest.json.
+Per sample: input item ids, targets, the teacher's top-K ids and scores (float16), log-sum-exp
+over the whole catalogue per temperature (the candidates' confidence, -log p, is derived from it
+and the scores when read), log p of the true next item, and hidden states of the configured layers
+at the configured positions (float16 / bfloat16 / int8 with a per-row scale). Item ids are stored
+as uint16 when the catalogue has fewer than 65,536 items, else int32. Samples are stored in
+columnar blocks of `block_size` (trainer/data/shards.py, format 2), optionally zstd-compressed.
+Once per run: the teacher's item table and manifest.json.
 
 Examples are planned in groups of `shard_size` independent of the number of ranks; rank r
 writes groups r, r + world, ... A rerun skips groups whose shards match their record and redoes
@@ -43,10 +45,13 @@ from recdistill.trainer.config import load_config, save_config
 from recdistill.trainer.data.batches import pad_right, select_prefixes
 from recdistill.trainer.data.pipeline import load_sequences
 from recdistill.trainer.data.shards import (
+    COMPRESSIONS,
+    FORMAT,
     ITEM_TABLE_FILE,
     MANIFEST,
     ShardSink,
     discard_group,
+    id_dtype,
     sha256_file,
     verify_group,
     write_json_atomic,
@@ -70,6 +75,8 @@ DEFAULTS: dict = {
     "batch_size": 64,
     "shard_size": 1000,  # examples per group (the unit of work and of resume)
     "shard_max_bytes": 256_000_000,  # a group's tar files roll over at this size
+    "block_size": 1024,  # samples per columnar block (one tar entry, one read, one checksum)
+    "compression": "none",  # none | zstd (per block)
     "inference": "data_parallel",  # data_parallel | zero3
     "dtype": "float32",  # data_parallel: float32 | bfloat16 | float16
     "deepspeed_config": "ds_configs/zero3_bf16.json",  # zero3 inference
@@ -200,7 +207,7 @@ def batch_samples(
             rank_targets=False,  # the samples store log p of the target, not its rank
         )
     stats = out.stats  # rows: every real position, user by user
-    confidence = stats.logsumexp[:, :1] - stats.topk_scores  # -log p of each candidate
+    ids = id_dtype(num_items)
     target_logprob = stats.target_scores - stats.logsumexp[:, 0]
     # The last real position of each row in the backbone's input (prefix mode: after the prompt).
     last = getattr(teacher, "module", teacher).last_positions(lengths)
@@ -209,11 +216,10 @@ def batch_samples(
         rows = slice(offset, offset + len(example_targets))
         offset += len(example_targets)
         arrays = {
-            "item_ids": np.asarray(item_ids, dtype=np.int32),
-            "targets": np.asarray(example_targets, dtype=np.int32),
-            "topk_ids": stats.topk_ids[rows].to(torch.int32).cpu().numpy(),
+            "item_ids": np.asarray(item_ids, dtype=ids),
+            "targets": np.asarray(example_targets, dtype=ids),
+            "topk_ids": stats.topk_ids[rows].to(torch.int32).cpu().numpy().astype(ids),
             "topk_scores": stats.topk_scores[rows].to(torch.float16).cpu().numpy(),
-            "confidence": confidence[rows].to(torch.float16).cpu().numpy(),
             "logsumexp": stats.logsumexp[rows].float().cpu().numpy(),
             "target_logprob": target_logprob[rows].float().cpu().numpy(),
         }
@@ -293,6 +299,11 @@ def main(argv=None) -> int:
     groups = [(g, examples[g * size : (g + 1) * size]) for g in range(-(-len(examples) // size))]
     mine = [(g, members) for g, members in groups if g % world == rank]
 
+    if cfg["compression"] not in COMPRESSIONS:
+        raise SystemExit(
+            f"compression {cfg['compression']!r}: use one of {', '.join(COMPRESSIONS)}"
+        )
+    refuse_other_format(out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / MANIFEST).unlink(missing_ok=True)  # rewritten at the end, over every group
@@ -318,7 +329,13 @@ def main(argv=None) -> int:
             f"rank {rank}: {len(mine) - len(todo)} of {len(mine)} groups already done, {len(todo)} to write"
         )
 
-    sink = ShardSink(out_dir, max_count=size, max_bytes=cfg["shard_max_bytes"])
+    sink = ShardSink(
+        out_dir,
+        max_blocks=-(-size // cfg["block_size"]),
+        max_bytes=cfg["shard_max_bytes"],
+        block_size=cfg["block_size"],
+        compression=cfg["compression"],
+    )
     progress = tqdm(
         total=sum(len(m) for _, m in todo), desc=f"precompute rank {rank}", unit="ex", position=rank
     )
@@ -363,6 +380,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def refuse_other_format(out_dir: Path) -> None:
+    """Shards of another format version in output_dir are never deleted to make room."""
+    for record_path in sorted(out_dir.glob("group-*.json")):
+        try:
+            found = json.loads(record_path.read_text()).get("format")
+        except json.JSONDecodeError:
+            continue  # a torn record: debris of a kill, redone
+        if found != FORMAT:
+            raise SystemExit(
+                f"{record_path}: output_dir holds shards of format {found or 'recdistill-teacher-shards/1'}; "
+                "convert them (trainer/convert_shards.py) or choose another output_dir"
+            )
+
+
 def write_manifest(
     out_dir: Path, cfg: dict, groups: list, stats: dict, model_config, teacher_dir: Path
 ) -> None:
@@ -374,7 +405,7 @@ def write_manifest(
         records.append({**record, "examples": len(members)})
     shards = [shard for record in records for shard in record["shards"]]
     manifest = {
-        "format": "recdistill-teacher-shards/1",
+        "format": FORMAT,
         "mode": cfg["data"]["mode"],
         "teacher": teacher_id(teacher_dir),
         "item_vocab_sha256": stats["item_vocab_sha256"],
@@ -389,10 +420,12 @@ def write_manifest(
         "hidden_positions": list(cfg["hidden_positions"])
         if cfg["data"]["mode"] == "sequence"
         else ["last"],
+        "block_size": cfg["block_size"],
+        "compression": cfg["compression"],
         "dtypes": {
-            "topk_ids": "int32",
+            "item_ids": str(id_dtype(model_config.num_items)),
+            "topk_ids": str(id_dtype(model_config.num_items)),
             "topk_scores": "float16",
-            "confidence": "float16",
             "logsumexp": "float32",
             "target_logprob": "float32",
             "hidden": cfg["hidden_dtype"],

@@ -1,15 +1,35 @@
-"""Teacher shards: webdataset tar files of packed samples, their records and the manifest.
+"""Teacher shards: webdataset tar files of columnar sample blocks, their records and the manifest.
 
-One sample = one tar entry `KEY.safetensors`: all of a sample's arrays in one safetensors blob
-(a tar entry costs ~1 KB of header and padding, so one entry per array would dominate small
-samples). The blob's metadata carries a CRC32 over the arrays' bytes, so a
-flipped byte inside a sample is caught by the reader, not only by the checker's sha256.
+Format 2 (`recdistill-teacher-shards/2`). One tar entry = one *block* of up to `block_size`
+samples, `KEY.cols` (a safetensors blob) or `KEY.cols.zst` (the same, zstd-compressed), KEY the
+block's first sample key. A block stores every field as one array with the samples' rows
+concatenated (nothing padded), plus the row count of each sample per row group:
+
+    counts_items    [n]  input items per sample          -> item_ids [sum, ]
+    counts_targets  [n]  positions with a target         -> targets, topk_ids [sum, K],
+                                                            topk_scores [sum, K], logsumexp [sum, T],
+                                                            target_logprob [sum, ]
+    counts_hidden   [n]  stored hidden-state positions   -> hidden_positions, hidden_L [sum, H],
+                                                            hidden_L_scale (int8)
+    counts_samples  [n]  1 each                          -> user_row [n]
+
+Decoding a block is one safetensors read (zero-copy views of the blob), and a batch is one
+vectorised gather from the decoded columns (`trainer/data/shard_stream.py`). The safetensors
+metadata holds one entry, `block`: a JSON text with the samples' keys and an xxh3-64 checksum of
+the tensor bytes, so a flipped byte is caught by the reader, not only by the checker's sha256
+(xxh3 runs at memory speed, CRC32 at a third of the loader's budget; one entry only: safetensors
+keeps metadata in a hash map with a random order, and two entries would make the bytes, and so
+the shard sha256s, differ from run to run).
 
 Shards are planned by example index, independent of the number of ranks: shard group g holds
 examples [g * S, (g + 1) * S) and is written by rank g % world. A group is written to `*.tmp`
-files that are renamed when complete; then a small record (`group-GGGGGG.json`: files, counts,
-bytes, sha256) is written atomically. A group with a valid record is done; anything else of that
-group is debris from a kill and is deleted before the group is redone.
+files that are renamed when complete; then a small record (`group-GGGGGG.json`: files, sample
+and block counts, bytes, sha256) is written atomically. A group with a valid record is done;
+anything else of that group is debris from a kill and is deleted before the group is redone.
+Blocks are cut at fixed sample counts inside a group, so a rerun writes byte-identical files.
+
+Format 1 (one safetensors blob per sample, written by earlier versions) is not read: `trainer/convert_shards.py`
+converts such a folder (`trainer/data/legacy_shards.py` reads it).
 """
 
 from __future__ import annotations
@@ -19,53 +39,138 @@ import json
 import os
 import queue
 import threading
-import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load as st_load
+import xxhash
 from safetensors.numpy import save as st_save
 
+FORMAT = "recdistill-teacher-shards/2"
 MANIFEST = "manifest.json"
 ITEM_TABLE_FILE = "teacher_item_embeddings.safetensors"
-SAMPLE_EXT = "safetensors"
+BLOCK_EXT = "cols"
+ZSTD_EXT = "cols.zst"
+COMPRESSIONS = ("none", "zstd")
+ROW_GROUPS = ("items", "targets", "hidden", "samples")
 
 
 class ShardError(ValueError):
     """A shard that is missing, truncated, corrupt or inconsistent with the manifest."""
 
 
-# ---- samples ---------------------------------------------------------------------------------
+def row_group(field: str) -> str:
+    """Which per-sample row count a field's rows follow."""
+    if field == "item_ids":
+        return "items"
+    if field == "user_row":
+        return "samples"
+    if field.startswith("hidden_"):
+        return "hidden"
+    return "targets"
 
 
-def _crc(arrays: dict[str, np.ndarray]) -> str:
-    crc = 0
-    for name in sorted(arrays):
-        crc = zlib.crc32(
-            np.ascontiguousarray(arrays[name]).tobytes(), zlib.crc32(name.encode(), crc)
-        )
-    return f"{crc:08x}"
+def id_dtype(num_items: int) -> np.dtype:
+    """The narrowest integer that holds every item id (0 = padding .. num_items)."""
+    return np.dtype(np.uint16) if num_items <= np.iinfo(np.uint16).max else np.dtype(np.int32)
 
 
-def encode_sample(arrays: dict[str, np.ndarray]) -> bytes:
-    # The checksum is the only metadata entry: safetensors keeps metadata in a hash map with a
-    # random order, so a second entry would make the bytes (and shard sha256s) differ by run.
-    return st_save(arrays, metadata={"crc32": _crc(arrays)})
+# ---- blocks ----------------------------------------------------------------------------------
 
 
-def decode_sample(blob: bytes, where: str) -> dict[str, np.ndarray]:
-    """The arrays of one sample; raises ShardError naming `where` when it is corrupt."""
-    try:
-        header_len = int.from_bytes(blob[:8], "little")
-        meta = json.loads(blob[8 : 8 + header_len]).get("__metadata__", {})
-        arrays = st_load(blob)
-    except Exception as error:  # safetensors raises several types on garbage
-        raise ShardError(
-            f"{where}: sample cannot be decoded ({type(error).__name__}: {error})"
-        ) from None
-    if meta.get("crc32") != _crc(arrays):
-        raise ShardError(f"{where}: sample checksum mismatch (corrupt data)")
+SAFETENSORS_DTYPES = {
+    "BOOL": np.bool_,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "U16": np.uint16,
+    "I16": np.int16,
+    "F16": np.float16,
+    "U32": np.uint32,
+    "I32": np.int32,
+    "F32": np.float32,
+    "U64": np.uint64,
+    "I64": np.int64,
+    "F64": np.float64,
+}
+
+
+def _tensor_bytes_digest(blob: bytes | memoryview, data_start: int) -> str:
+    return xxhash.xxh3_64_hexdigest(memoryview(blob)[data_start:])
+
+
+def _views(blob: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    """(metadata, arrays) of a safetensors blob, the arrays zero-copy views of it.
+
+    safetensors.numpy.load copies every tensor out of the blob; the loader reads each block once
+    and gathers from it, so it reads the (documented, fixed) layout in place instead: 8 bytes of
+    header length, a JSON header of dtype / shape / byte offsets, then the tensor bytes.
+    """
+    header_len = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + header_len])
+    meta = header.pop("__metadata__", {})
+    start = 8 + header_len
+    arrays = {}
+    for name, info in header.items():
+        dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
+        begin, end = info["data_offsets"]
+        arrays[name] = np.frombuffer(
+            blob, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin
+        ).reshape(info["shape"])
+    return meta, arrays
+
+
+def pack_block(samples: list[tuple[str, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    """Concatenate the samples' arrays field by field and record each sample's row counts."""
+    fields = list(samples[0][1])
+    arrays = {name: np.concatenate([arrays[name] for _, arrays in samples]) for name in fields}
+    for group in ROW_GROUPS:
+        members = [name for name in fields if row_group(name) == group]
+        if members:
+            arrays[f"counts_{group}"] = np.asarray(
+                [len(arrays_[members[0]]) for _, arrays_ in samples], dtype=np.int32
+            )
     return arrays
+
+
+def encode_block(samples: list[tuple[str, dict[str, np.ndarray]]], compression: str) -> bytes:
+    arrays = pack_block(samples)
+    # The checksum covers the tensor bytes, which do not depend on the metadata: write once to
+    # find them, then again with the checksum (safetensors lays tensors out in a fixed order).
+    draft = st_save(arrays, metadata={"block": "{}"})
+    data_start = 8 + int.from_bytes(draft[:8], "little")
+    digest = _tensor_bytes_digest(draft, data_start)
+    meta = json.dumps({"xxh3": digest, "keys": [key for key, _ in samples]})
+    blob = st_save(arrays, metadata={"block": meta})
+    if compression == "zstd":
+        import zstandard
+
+        blob = zstandard.ZstdCompressor(level=3).compress(blob)
+    return blob
+
+
+@dataclass
+class Block:
+    keys: list[str]
+    arrays: dict[str, np.ndarray]
+
+
+def decode_block(blob: bytes, where: str, compressed: bool) -> Block:
+    """The keys and arrays of one block; raises ShardError naming `where` when it is corrupt."""
+    try:
+        if compressed:
+            import zstandard
+
+            blob = zstandard.ZstdDecompressor().decompress(blob)
+        metadata, arrays = _views(blob)
+        meta = json.loads(metadata["block"])
+        data_start = 8 + int.from_bytes(blob[:8], "little")
+    except Exception as error:  # zstd, json and a garbled header raise several types
+        raise ShardError(
+            f"{where}: block cannot be decoded ({type(error).__name__}: {error})"
+        ) from None
+    if meta.get("xxh3") != _tensor_bytes_digest(blob, data_start):
+        raise ShardError(f"{where}: block checksum mismatch (corrupt data)")
+    return Block(meta["keys"], arrays)
 
 
 # ---- files and records -----------------------------------------------------------------------
@@ -102,6 +207,8 @@ def verify_group(out_dir: Path, group: int, expected_count: int) -> dict | None:
         record = json.loads(record_path.read_text())
     except json.JSONDecodeError:
         return None
+    if record.get("format") != FORMAT:
+        return None  # written by another format version: redo it
     if sum(shard["count"] for shard in record["shards"]) != expected_count:
         return None
     for shard in record["shards"]:
@@ -128,13 +235,26 @@ def discard_group(out_dir: Path, group: int) -> None:
 class ShardSink:
     """Writes samples on a background thread, so that storage never stalls the teacher.
 
-    `start_group(g)`, `put(key, arrays)` and `end_group()` are queued in order; a group's
-    files are renamed from `.tmp` and recorded when its end is processed. Errors of the thread
-    surface on the next call of the main thread.
+    `start_group(g)`, `put(key, arrays)` and `end_group()` are queued in order; samples are cut
+    into blocks of `block_size` (the group's last block may be shorter), a group's tar files are
+    renamed from `.tmp` and recorded when its end is processed. `max_blocks` / `max_bytes` roll a
+    group over into several tar files. Errors of the thread surface on the next call of the
+    main thread.
     """
 
-    def __init__(self, out_dir: Path, max_count: int, max_bytes: int, queue_size: int = 64):
-        self.out_dir, self.max_count, self.max_bytes = out_dir, max_count, max_bytes
+    def __init__(
+        self,
+        out_dir: Path,
+        max_blocks: int,
+        max_bytes: int,
+        block_size: int = 1024,
+        compression: str = "none",
+        queue_size: int = 64,
+    ):
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
+        self.out_dir, self.max_blocks, self.max_bytes = out_dir, max_blocks, max_bytes
+        self.block_size, self.compression = block_size, compression
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.error: BaseException | None = None
         self.bytes_written = 0
@@ -168,7 +288,9 @@ class ShardSink:
 
         writer = group = None
         files: list[dict] = []
-        counts = {"n": 0}
+        pending: list[tuple[str, dict]] = []
+        counts = {"samples": 0, "blocks": 0}
+        ext = ZSTD_EXT if self.compression == "zstd" else BLOCK_EXT
 
         def finished(tmp_name: str) -> None:  # ShardWriter's post hook: one tar file is complete
             tmp = Path(tmp_name)
@@ -178,13 +300,24 @@ class ShardSink:
             files.append(
                 {
                     "file": final.name,
-                    "count": counts["n"],
+                    "count": counts["samples"],
+                    "blocks": counts["blocks"],
                     "bytes": size,
                     "sha256": sha256_file(final),
                 }
             )
             self.bytes_written += size
-            counts["n"] = 0
+            counts["samples"] = counts["blocks"] = 0
+
+        def flush() -> None:
+            if not pending:
+                return
+            # ShardWriter rolls over before writing an entry, so count after the write.
+            writer.write({"__key__": pending[0][0], ext: encode_block(pending, self.compression)})
+            counts["samples"] += len(pending)
+            counts["blocks"] += 1
+            self.samples_written += len(pending)
+            pending.clear()
 
         try:
             while True:
@@ -199,21 +332,20 @@ class ShardSink:
                     # mtime=0: the same samples give byte-identical shards (and sha256s) on any run.
                     writer = wds.ShardWriter(
                         pattern,
-                        maxcount=self.max_count,
+                        maxcount=self.max_blocks,
                         maxsize=self.max_bytes,
                         post=finished,
                         verbose=0,
                         mtime=0,
                     )
                 elif kind == "sample":
-                    key, arrays = payload
-                    # ShardWriter rolls over before writing a sample, so count after the write.
-                    writer.write({"__key__": key, SAMPLE_EXT: encode_sample(arrays)})
-                    counts["n"] += 1
-                    self.samples_written += 1
+                    pending.append(payload)
+                    if len(pending) == self.block_size:
+                        flush()
                 elif kind == "end":
+                    flush()
                     writer.close()
-                    record = {"group": group, "shards": files}
+                    record = {"group": group, "format": FORMAT, "shards": files}
                     write_json_atomic(group_record_path(self.out_dir, group), record)
         except BaseException as error:  # noqa: BLE001 - handed to the main thread
             self.error = error
@@ -223,27 +355,75 @@ class ShardSink:
 
 
 def load_manifest(shard_dir: Path) -> dict:
+    """The manifest of a format-2 folder; a clear ShardError for anything else."""
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
         raise ShardError(f"{path}: no manifest (was trainer/precompute.py run to the end?)")
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    found = manifest.get("format")
+    if found == "recdistill-teacher-shards/1":
+        raise ShardError(
+            f"{path}: shard format 1 (one blob per sample) is no longer read; convert the folder "
+            f"with `python trainer/convert_shards.py {shard_dir} NEW_DIR` (no teacher needed)"
+        )
+    if found != FORMAT:
+        raise ShardError(f"{path}: shard format {found!r}, this version reads {FORMAT!r}")
+    return manifest
 
 
-def iter_tar_samples(path: Path):
-    """(key, blob) of each sample of one tar file; ShardError naming the file on damage."""
+def iter_tar_blocks(path: Path):
+    """(entry name, blob, compressed) of each block of one tar file; ShardError naming the file
+    on damage. The tar headers are parsed by seeking, and each block is one read() of its bytes
+    (tarfile's streaming mode copies through small buffers at a fraction of the read rate)."""
     import tarfile
 
     try:
-        with tarfile.open(path, "r|") as tar:
-            for member in tar:
+        with open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+            for member in tar.getmembers():
                 if not member.isfile():
                     continue
-                key, _, ext = member.name.partition(".")
-                if ext != SAMPLE_EXT:
+                _, _, ext = member.name.partition(".")
+                if ext not in (BLOCK_EXT, ZSTD_EXT):
                     raise ShardError(f"{path}: unexpected entry {member.name!r}")
-                yield key, tar.extractfile(member).read()
+                handle.seek(member.offset_data)
+                blob = handle.read(member.size)
+                if len(blob) != member.size:
+                    raise ShardError(f"{path}: entry {member.name!r} is cut short (truncated?)")
+                yield member.name, blob, ext == ZSTD_EXT
     except (tarfile.TarError, EOFError, OSError) as error:
         raise ShardError(f"{path}: unreadable tar ({type(error).__name__}: {error})") from None
+
+
+def read_blocks(path: Path) -> list[Block]:
+    return [
+        decode_block(blob, f"{path}:{name}", compressed)
+        for name, blob, compressed in iter_tar_blocks(path)
+    ]
+
+
+def split_block(block: Block) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """A block's samples one by one (key, arrays as written): for inspection and tests; the
+    loader never splits blocks."""
+    fields = [name for name in block.arrays if not name.startswith("counts_")]
+    bounds = {
+        group: np.concatenate([[0], np.cumsum(block.arrays[f"counts_{group}"])])
+        for group in ROW_GROUPS
+        if f"counts_{group}" in block.arrays
+    }
+    samples = []
+    for i, key in enumerate(block.keys):
+        arrays = {}
+        for name in fields:
+            edges = bounds[row_group(name)]
+            arrays[name] = block.arrays[name][edges[i] : edges[i + 1]]
+        samples.append((key, arrays))
+    return samples
+
+
+def iter_samples(path: Path):
+    """(key, arrays) of every sample of one tar file, checked."""
+    for block in read_blocks(path):
+        yield from split_block(block)
 
 
 def check_shard(path: Path, record: dict) -> list[str]:
@@ -257,11 +437,8 @@ def check_shard(path: Path, record: dict) -> list[str]:
         )
     if sha256_file(path) != record["sha256"]:
         problems.append(f"{path}: sha256 differs from the manifest")
-    count = 0
     try:
-        for key, blob in iter_tar_samples(path):
-            decode_sample(blob, f"{path}:{key}")
-            count += 1
+        count = sum(len(block.keys) for block in read_blocks(path))
     except ShardError as error:
         problems.append(str(error))
     else:

@@ -1,0 +1,256 @@
+"""The data path alone: how fast teacher shards become training batches, measured in one run
+against the raw read rate of the same files and against the format-1 loader on the same samples.
+
+    python bench/data_path.py --shards runs/demo/shards              # any format-2 shard folder
+    python bench/data_path.py --shards runs/bench_cpu/ml-1m/shards --workers 0 1 2
+
+For each loader setting, batches are drawn for --epochs epochs exactly as trainer/distill.py draws
+them (TeacherShardStream -> make_loader -> iter_batches; no model), the first batch left out
+(worker start-up). Reported: samples/s, target positions/s, MB/s of shard bytes, and the same per
+worker process (0 workers = reading in the training process, counted as one). The raw read rate is
+reading the same files whole with read() (warm page cache: the physical limit of this machine
+for bytes already in memory). The format-1 baseline writes the same samples as earlier versions
+did (one safetensors blob per sample) and reads them as they did: webdataset's tar reader, a
+per-sample decode and a row-by-row collate, in the training process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from recdistill.trainer.data.legacy_shards import decode_sample, write_format1
+from recdistill.trainer.data.shard_stream import TeacherShardStream, iter_batches, make_loader
+from recdistill.trainer.data.shards import load_manifest
+
+
+def cold_read_mb_per_s(files: list[Path]) -> float | None:
+    """Read rate from the disk: the files read once after the kernel dropped its page cache (root
+    only: None where /proc/sys/vm/drop_caches cannot be written)."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return None
+    started = time.perf_counter()
+    total = sum(len(path.read_bytes()) for path in files)
+    return total / (time.perf_counter() - started) / 1e6
+
+
+def raw_read_mb_per_s(files: list[Path], passes: int = 3) -> float:
+    for path in files:  # warm the page cache
+        path.read_bytes()
+    started = time.perf_counter()
+    total = 0
+    for _ in range(passes):
+        for path in files:
+            with open(path, "rb") as handle:
+                total += len(handle.read())
+    return total / (time.perf_counter() - started) / 1e6
+
+
+def loader_rates(
+    shard_dir: Path, manifest: dict, batch_size: int, workers: int, epochs: int
+) -> dict:
+    stream = TeacherShardStream(shard_dir, manifest, 0, 1, batch_size, workers, seed=0)
+    batches = sum(stream.steps_per_epoch(epoch) for epoch in range(epochs))
+    iterator = iter_batches(make_loader(stream))
+    next(iterator)  # worker start-up and the first shard read are not the steady state
+    started = time.perf_counter()
+    samples = positions = 0
+    for _ in range(batches - 1):
+        batch = next(iterator)
+        samples += len(batch["lengths"])
+        positions += len(batch["targets"])
+    seconds = time.perf_counter() - started
+    shard_bytes = manifest["bytes"] * samples / manifest["examples"]  # bytes behind these samples
+    processes = max(1, workers)
+    return {
+        "workers": workers,
+        "samples_per_s": samples / seconds,
+        "positions_per_s": positions / seconds,
+        "mb_per_s": shard_bytes / seconds / 1e6,
+        "positions_per_s_per_worker": positions / seconds / processes,
+        "mb_per_s_per_worker": shard_bytes / seconds / 1e6 / processes,
+    }
+
+
+def collate_format1(samples: list[dict[str, np.ndarray]], mode: str) -> dict[str, torch.Tensor]:
+    """The format-1 loader's collate, row by row into [B, L, ...] (kept here as the baseline)."""
+    batch = len(samples)
+    width = max(len(s["item_ids"]) for s in samples)
+    k = samples[0]["topk_ids"].shape[1]
+    n_temps = samples[0]["logsumexp"].shape[1]
+    out = {
+        "item_ids": torch.zeros(batch, width, dtype=torch.long),
+        "targets": torch.zeros(batch, width, dtype=torch.long),
+        "teacher_topk_ids": torch.zeros(batch, width, k, dtype=torch.long),
+        "teacher_topk_scores": torch.zeros(batch, width, k),
+        "teacher_confidence": torch.zeros(batch, width, k),
+        "teacher_logsumexp": torch.zeros(batch, width, n_temps),
+    }
+    hidden_keys = [k for k in samples[0] if k.startswith("hidden_") and k != "hidden_positions"]
+    for row, sample in enumerate(samples):
+        n = len(sample["item_ids"])
+        at = slice(0, n) if mode == "sequence" else slice(n - 1, n)
+        out["item_ids"][row, :n] = torch.from_numpy(sample["item_ids"].astype(np.int64))
+        out["targets"][row, at] = torch.from_numpy(sample["targets"].astype(np.int64))
+        out["teacher_topk_ids"][row, at] = torch.from_numpy(sample["topk_ids"].astype(np.int64))
+        for name in ("topk_scores", "confidence", "logsumexp"):
+            out[f"teacher_{name}"][row, at] = torch.from_numpy(sample[name].astype(np.float32))
+    for key in hidden_keys:
+        if not key.endswith("_scale"):
+            out[key] = torch.from_numpy(np.stack([s[key].astype(np.float32) for s in samples]))
+    return out
+
+
+def format1_rates(shard_dir: Path, manifest: dict, batch_size: int, epochs: int) -> dict:
+    with tempfile.TemporaryDirectory() as scratch:
+        old_dir = Path(scratch) / "v1"
+        write_format1(shard_dir, old_dir)
+        old = json.loads((old_dir / "manifest.json").read_text())
+        started = time.perf_counter()
+        samples = positions = 0
+        for epoch in range(epochs):
+            shards = list(old["shards"])
+            random.Random(epoch).shuffle(shards)
+            pending: list = []
+            for shard in shards:
+                url = str(old_dir / shard["file"])
+                loaded = [
+                    decode_sample(raw["safetensors"], raw["__key__"])
+                    for raw in wds.tarfile_to_samples()(iter([{"url": url}]))
+                ]
+                random.Random(f"{epoch}-{shard['file']}").shuffle(loaded)
+                pending += loaded
+                while len(pending) >= batch_size:
+                    batch = collate_format1(pending[:batch_size], old["mode"])
+                    pending = pending[batch_size:]
+                    samples += batch_size
+                    positions += int((batch["targets"] > 0).sum())
+        seconds = time.perf_counter() - started
+    shard_bytes = old["bytes"] * samples / old["examples"]
+    return {
+        "workers": 0,
+        "bytes": old["bytes"],
+        "bytes_per_position": old["bytes"] / old["positions"],
+        "samples_per_s": samples / seconds,
+        "positions_per_s": positions / seconds,
+        "mb_per_s": shard_bytes / seconds / 1e6,
+    }
+
+
+def measure(shard_dir: Path, batch_size: int, workers: list[int], epochs: int) -> dict:
+    manifest = load_manifest(shard_dir)
+    files = [shard_dir / s["file"] for s in manifest["shards"]]
+    loaders = [loader_rates(shard_dir, manifest, batch_size, w, epochs) for w in workers]
+    baseline = format1_rates(shard_dir, manifest, batch_size, epochs)
+    cold = cold_read_mb_per_s(files)
+    raw = raw_read_mb_per_s(files)
+    best_per_worker = max(entry["positions_per_s_per_worker"] for entry in loaders)
+    return {
+        "shards": str(shard_dir),
+        "batch_size": batch_size,
+        "epochs": epochs,
+        "bytes": manifest["bytes"],
+        "positions": manifest["positions"],
+        "bytes_per_position": manifest["bytes"] / manifest["positions"],
+        "format1_bytes_per_position": baseline["bytes_per_position"],
+        "bytes_per_position_vs_format1": manifest["bytes"] / baseline["bytes"],
+        "raw_read_mb_per_s": raw,
+        "cold_read_mb_per_s": cold,
+        "loaders": loaders,
+        "format1_loader": baseline,
+        "positions_per_s_per_worker_vs_format1": best_per_worker / baseline["positions_per_s"],
+        "in_process_mb_per_s_vs_raw_read": next(
+            (e["mb_per_s"] / raw for e in loaders if e["workers"] == 0), None
+        ),
+        "in_process_mb_per_s_vs_cold_read": next(
+            (e["mb_per_s"] / cold for e in loaders if e["workers"] == 0 and cold), None
+        ),
+    }
+
+
+def markdown(result: dict) -> list[str]:
+    raw, cold = result["raw_read_mb_per_s"], result["cold_read_mb_per_s"]
+    cold_text = (
+        f"{cold:,.0f} MB/s from disk (page cache dropped)"
+        if cold
+        else "disk rate not measured (needs root)"
+    )
+    lines = [
+        f"Loader only, batch {result['batch_size']}, {result['epochs']} epochs of "
+        f"`{result['shards']}`; raw read of the same files: {raw:,.0f} MB/s from the page cache, "
+        f"{cold_text}:",
+        "",
+        "| loader | workers | samples/s | positions/s | MB/s | positions/s per worker | vs page-cache read | vs disk read |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def row(name: str, workers: str, entry: dict, per_worker: float) -> str:
+        versus_cold = f"{entry['mb_per_s'] / cold:.2f}" if cold else "-"
+        return (
+            f"| {name} | {workers} | {entry['samples_per_s']:,.0f} | {entry['positions_per_s']:,.0f} | "
+            f"{entry['mb_per_s']:,.1f} | {per_worker:,.0f} | {entry['mb_per_s'] / raw:.3f} | {versus_cold} |"
+        )
+
+    old = result["format1_loader"]
+    lines.append(
+        row(
+            "format 1 (per-sample blobs, row-by-row collate)",
+            "in process",
+            old,
+            old["positions_per_s"],
+        )
+    )
+    for entry in result["loaders"]:
+        lines.append(
+            row(
+                "format 2 (columnar blocks)",
+                str(entry["workers"] or "in process"),
+                entry,
+                entry["positions_per_s_per_worker"],
+            )
+        )
+    lines += [
+        "",
+        f"Bytes per target position: {result['bytes_per_position']:.1f} (format 1: "
+        f"{result['format1_bytes_per_position']:.1f}, ratio {result['bytes_per_position_vs_format1']:.2f}); "
+        f"best positions/s per worker vs format 1: {result['positions_per_s_per_worker_vs_format1']:.1f}x.",
+    ]
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shards", required=True, type=Path, help="a format-2 shard folder")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[0, 1, 2], help="loader settings (default 0 1 2)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="epochs drawn per setting (default 3)"
+    )
+    parser.add_argument("--output", type=Path, help="also write the result as JSON here")
+    args = parser.parse_args(argv)
+    result = measure(args.shards, args.batch_size, args.workers, args.epochs)
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n".join(markdown(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
