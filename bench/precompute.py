@@ -28,7 +28,7 @@ import torch
 from recdistill.models.teacher import LLMRecTeacher, TeacherConfig
 from recdistill.trainer.data.batches import pad_right
 from recdistill.trainer.data.shards import ShardSink, verify_group
-from recdistill.trainer.precompute import batch_samples
+from recdistill.trainer.data.teacher_outputs import batch_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 

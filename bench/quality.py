@@ -43,8 +43,8 @@ from tqdm import tqdm
 from recdistill.launcher.demo import DISTILL_VARIANTS
 from recdistill.launcher.local import accelerate_command, deepspeed_command
 from recdistill.launcher.local import run_job as run_process
-from recdistill.trainer import distill, precompute, teacher
 from recdistill.trainer.config import load_config, save_config
+from recdistill.trainer.defaults import DISTILL, PRECOMPUTE, TEACHER
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -251,7 +251,7 @@ def train_teacher(
     config = write_job_config(
         scale["teacher"]["config"],
         [*scale["teacher"]["overrides"], *spec.get("teacher_overrides", [])],
-        teacher.DEFAULTS,
+        TEACHER,
         {
             "data.dir": str(data_dir),
             "data.max_len": spec["max_len"],
@@ -276,7 +276,7 @@ def precompute_shards(
     config = write_job_config(
         scale["precompute"]["config"],
         scale["precompute"]["overrides"],
-        precompute.DEFAULTS,
+        PRECOMPUTE,
         {
             "teacher": str(teacher_dir / "final"),
             "data.dir": str(data_dir),
@@ -327,7 +327,7 @@ def train_student(
             *DISTILL_VARIANTS[f"student_{variant}"],
             *student_section.get("overrides", []),
         ],
-        distill.DEFAULTS,
+        DISTILL,
         settings,
         work / name / f"configs/{run_name}.yaml",
     )

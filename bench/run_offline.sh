@@ -13,6 +13,11 @@
 # (default cuda). QUALITY_ARGS: passed to bench/quality.py (default: --students sasrec
 # --variants plain both). The python is $PYTHON (default python3), whose torch is the machine's.
 set -uo pipefail
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ] || [ $# -lt 3 ]; then
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    [ $# -ge 1 ] && { [ "$1" = "-h" ] || [ "$1" = "--help" ]; } && exit 0
+    exit 2
+fi
 wheels=${1:?usage: run_offline.sh WHEELS DATA_ROOT OUT [SCALE] [DEVICE] [QUALITY_ARGS...]}
 data_root=${2:?DATA_ROOT: the folder holding ml-1m/ml-1m.txt}
 out=${3:?OUT: where the logs and the results archive go}

@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file
 
 from recdistill.models.distillation import DistillationObjective
-from recdistill.trainer import distill
+from recdistill.models.release import block_dims, build_student
 from recdistill.trainer.config import load_config
 from recdistill.trainer.data.pipeline import load_sequences
 from recdistill.trainer.data.shard_stream import (
@@ -46,7 +46,8 @@ from recdistill.trainer.data.shard_stream import (
     make_loader,
 )
 from recdistill.trainer.data.shards import ITEM_TABLE_FILE, load_manifest
-from recdistill.trainer.evaluate import eval_split, inference_speed, student_fns, teacher_fns
+from recdistill.trainer.defaults import DISTILL
+from recdistill.trainer.evaluation import eval_split, inference_speed, student_fns, teacher_fns
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data_path as loader_bench  # noqa: E402 - bench/data_path.py, beside this script
@@ -92,7 +93,7 @@ def data_path(
     work: Path, student: str, steps: int, workers: int | None, device: torch.device
 ) -> dict:
     """samples/s of the same training steps, batches streamed from shards vs held in memory."""
-    cfg = load_config(work / f"configs/{student}_both_s0.yaml", [], distill.DEFAULTS)
+    cfg = load_config(work / f"configs/{student}_both_s0.yaml", [], DISTILL)
     workers = cfg["shards"]["workers"] if workers is None else workers
     shard_dir = work / "shards"
     manifest = load_manifest(shard_dir)
@@ -101,10 +102,10 @@ def data_path(
 
     def build():
         torch.manual_seed(0)
-        model = distill.build_student(cfg["student"], stats["items"], cfg["data"]["max_len"])
+        model = build_student(cfg["student"], stats["items"], cfg["data"]["max_len"])
         table = load_file(str(shard_dir / ITEM_TABLE_FILE))["weight"]
         objective = DistillationObjective(
-            model, cfg["loss"], manifest, table, distill.block_dims(model)
+            model, cfg["loss"], manifest, table, block_dims(model)
         ).to(device)
         return objective, torch.optim.AdamW(objective.parameters(), lr=cfg["train"]["lr"])
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 STUDENT_CONFIG_FILE = "student_config.json"
@@ -31,21 +31,6 @@ def save_student(model: nn.Module, directory: str | Path) -> None:
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     config = {"architecture": model.architecture, **asdict(model.config)}
     (directory / STUDENT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-
-
-def load_student(directory: str | Path) -> nn.Module:
-    """Any student from its folder: the architecture is read from the config."""
-    from recdistill.models import STUDENTS
-
-    directory = Path(directory)
-    path = directory / STUDENT_CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a student checkpoint")
-    config = json.loads(path.read_text())
-    config_class, model_class = STUDENTS[config.pop("architecture")]
-    model = model_class(config_class(**config))
-    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
-    return model.eval()
 
 
 def embed(

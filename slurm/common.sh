@@ -54,6 +54,14 @@ write_hostfile() {
 
 config_value() { "$PYTHON" -m recdistill.trainer.config "$CONFIG" "$1" "${ARGS[@]}"; }
 
+# check_inputs SCRIPT [FLAGS...]: the job's own --check on the batch host before any srun, so a
+# bad config key, path or vocabulary ends the job with one line, not a launcher traceback per node.
+check_inputs() {
+    local script=$1
+    shift
+    "$PYTHON" "$script" --check "$@" --config "$CONFIG" "${ARGS[@]}"
+}
+
 # run_and_requeue COMMAND...: runs COMMAND (an srun) in the background; on USR1 (sent by
 # `#SBATCH --signal=B:USR1@120` before the time limit) writes the stop file, waits for the job
 # to checkpoint and exit, then requeues this job, which resumes from that checkpoint.

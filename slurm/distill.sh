@@ -14,6 +14,7 @@
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 source "${RECDISTILL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+check_inputs trainer/distill.py --resume
 
 OUTPUT_DIR=$(config_value train.output_dir)
 export TOTAL_PROCS=$((NUM_NODES * PROCS_PER_NODE))

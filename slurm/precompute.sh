@@ -13,6 +13,7 @@
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 source "${RECDISTILL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+check_inputs trainer/precompute.py
 
 OUTPUT_DIR=$(config_value output_dir)
 write_hostfile "$OUTPUT_DIR"

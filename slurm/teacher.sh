@@ -15,6 +15,7 @@
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 source "${RECDISTILL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+check_inputs trainer/teacher.py --resume
 
 OUTPUT_DIR=$(config_value train.output_dir)
 write_hostfile "$OUTPUT_DIR"

@@ -114,7 +114,7 @@ def test_quality_and_speed_end_to_end(tmp_path):
         assert all(0.0 <= values[m]["mean"] <= 1.0 for m in quality.METRICS)
     # Whole histories were prepared (longer than the 10-item window) and ranked out, popularity too.
     from recdistill.trainer.data.pipeline import load_sequences
-    from recdistill.trainer.evaluate import eval_split, popularity_metrics
+    from recdistill.trainer.evaluation import eval_split, popularity_metrics
 
     splits, stats = load_sequences(work / "toy/data")
     assert max(len(h) for h in splits["test"]["history"]) > 10
@@ -204,29 +204,30 @@ def test_scale_files_make_valid_job_configs(scale_name, tmp_path):
     keys are errors), and the student options build each student: the GPU scale, which cannot
     run here, is at least well-formed."""
     from recdistill.launcher.demo import DISTILL_VARIANTS
-    from recdistill.trainer import distill, precompute, teacher
+    from recdistill.models.release import block_dims, build_student
     from recdistill.trainer.config import load_config
+    from recdistill.trainer.defaults import DISTILL, PRECOMPUTE, TEACHER
 
     scale = quality.load_scale(scale_name)
     for name, spec in scale["datasets"].items():
         quality.write_job_config(
             scale["teacher"]["config"],
             [*scale["teacher"]["overrides"], *spec.get("teacher_overrides", [])],
-            teacher.DEFAULTS,
+            TEACHER,
             {"train.seed": 1},
             tmp_path / f"{name}_teacher.yaml",
         )
         quality.write_job_config(
             scale["precompute"]["config"],
             scale["precompute"]["overrides"],
-            precompute.DEFAULTS,
+            PRECOMPUTE,
             {},
             tmp_path / f"{name}_precompute.yaml",
         )
         for student, section in scale["students"].items():
-            model = distill.build_student(
+            model = build_student(
                 {
-                    **distill.DEFAULTS["student"],
+                    **DISTILL["student"],
                     "architecture": section["architecture"],
                     "options": section["options"],
                 },
@@ -242,13 +243,13 @@ def test_scale_files_make_valid_job_configs(scale_name, tmp_path):
                         *DISTILL_VARIANTS[f"student_{variant}"],
                         *section.get("overrides", []),
                     ],
-                    distill.DEFAULTS,
+                    DISTILL,
                     {"student.options": section["options"]},
                     tmp_path / f"{name}_{student}_{variant}.yaml",
                 )
                 loss = load_config(tmp_path / f"{name}_{student}_{variant}.yaml")["loss"]
                 if loss["alignment"]["enabled"] and loss["alignment"]["multi_supervision_weight"]:
-                    assert len(distill.block_dims(model)) > 1, (student, variant)
+                    assert len(block_dims(model)) > 1, (student, variant)
 
 
 def test_scale_extending_another_merges_appends_and_drops(tmp_path):
@@ -302,11 +303,11 @@ def test_job_past_its_timeout_is_ended_and_named(tmp_path):
 def test_changed_scale_is_refused_not_reused(tmp_path):
     """A rerun reuses finished runs and resumes started ones, so a job whose settings changed
     since they were written (an edited scale file) stops with the keys that changed."""
-    from recdistill.trainer import distill
+    from recdistill.trainer.defaults import DISTILL
 
     config_path = tmp_path / "work/toy/configs/sasrec_plain_s0.yaml"
     write = lambda overrides: quality.write_job_config(  # noqa: E731
-        "configs/distill_demo.yaml", overrides, distill.DEFAULTS, {"train.seed": 0}, config_path
+        "configs/distill_demo.yaml", overrides, DISTILL, {"train.seed": 0}, config_path
     )
     write(["train.lr=0.005"])
     written = config_path.read_text()

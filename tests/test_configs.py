@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 
 from recdistill.trainer.config import ConfigError, load_config
-from recdistill.trainer.distill import DEFAULTS as DISTILL
-from recdistill.trainer.precompute import DEFAULTS as PRECOMPUTE
-from recdistill.trainer.teacher import DEFAULTS as TEACHER
+from recdistill.trainer.defaults import DISTILL, PRECOMPUTE, TEACHER
 
 from .conftest import ROOT
 
@@ -51,7 +49,7 @@ def test_unknown_lr_schedule_is_refused_before_any_work(tmp_path):
     from recdistill.trainer.distill import main as distill_main
 
     output = tmp_path / "run"
-    with pytest.raises(SystemExit, match="train.lr_schedule 'step': use one of linear, cosine"):
+    with pytest.raises(ConfigError, match="train.lr_schedule 'step': use one of linear, cosine"):
         distill_main(
             [
                 "--config",

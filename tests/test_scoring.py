@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from recdistill.models.scoring import catalogue_cross_entropy, catalogue_stats
-from recdistill.trainer.evaluate import eval_split, popularity_metrics, ranking_sums
+from recdistill.trainer.evaluation import eval_split, popularity_metrics, ranking_sums
 from recdistill.trainer.metrics import finalize, metric_sums
 
 

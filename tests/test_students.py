@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from recdistill.models import STUDENTS, LlamaStudent
-from recdistill.models.student_io import load_student
+from recdistill.models.release import load_student
 from recdistill.models.teacher import LLMRecTeacher, TeacherConfig
 from recdistill.trainer.data.batches import pad_right
 

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import yaml
 
+from recdistill.trainer.errors import JobError
 
-class ConfigError(ValueError):
-    pass
+
+class ConfigError(JobError):
+    """A config file, key or override that is wrong, named in the message."""
 
 
 class _Loader(yaml.SafeLoader):

@@ -79,3 +79,8 @@ def init_distributed() -> None:
 
     remove_stale_extension_locks()
     deepspeed.init_distributed()
+
+
+def local_world_size() -> int:
+    """Ranks on this machine: the deepspeed launcher says LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)

@@ -32,9 +32,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from recdistill.models import STUDENTS, LlamaStudent
-from recdistill.models.distillation import LOSS_DEFAULTS, DistillationObjective
-from recdistill.models.student_io import load_student
+from recdistill.models.distillation import DistillationObjective
+from recdistill.models.release import block_dims, build_student, save_distilled
 from recdistill.trainer.config import load_config, start_run_dir
 from recdistill.trainer.data.pipeline import load_sequences
 from recdistill.trainer.data.shard_stream import (
@@ -44,61 +43,20 @@ from recdistill.trainer.data.shard_stream import (
     make_loader,
 )
 from recdistill.trainer.data.shards import ITEM_TABLE_FILE, ShardError, load_manifest, sha256_file
-from recdistill.trainer.evaluate import all_reduce_sums, eval_split, ranking_sums
+from recdistill.trainer.defaults import DISTILL as DEFAULTS
+from recdistill.trainer.evaluation import all_reduce_sums, eval_split, ranking_sums
+from recdistill.trainer.inputs import (
+    choice,
+    data_stats,
+    existing_dir,
+    fresh_or_resumed,
+    required,
+)
 from recdistill.trainer.metrics import finalize
 from recdistill.trainer.requeue import STOP_FILE
 from recdistill.trainer.shutdown import run_and_exit
 
-DEFAULTS: dict = {
-    "data": {
-        "dir": None,
-        "max_len": 50,
-    },  # the student's prepared data (validation, test, vocabulary)
-    "shards": {
-        "dir": None,  # trainer/precompute.py output
-        "mode": "exact",  # exact (resumes mid-epoch exactly) | resampled (restart-safe, no data state)
-        "workers": 2,  # DataLoader worker processes per rank (0: read in the training process)
-        "prefetch": 4,  # batches each worker prepares ahead
-        "shuffle_buffer": 1000,  # resampled mode's sample shuffle buffer
-        "on_error": "raise",  # raise | skip (damaged shards skipped whole, counted and logged)
-        "verify_checksums": False,  # sha256 of every shard at start (reads all of them once)
-    },
-    "student": {
-        "architecture": "sasrec",  # sasrec | gru4rec | caser | llama
-        "options": {},  # the architecture's config fields (hidden_size, num_blocks, dropout, ...)
-        "init": "scratch",  # llama: scratch | teacher | base
-        "teacher_dir": None,  # llama init=teacher: the teacher release folder
-        "teacher_layers": [],  # llama init=teacher: 0-based teacher layers to copy
-        "base_path": None,  # llama init=base: local base LLM checkpoint
-        "num_layers": 2,  # llama init=base: first n layers
-    },
-    "loss": LOSS_DEFAULTS,
-    "train": {
-        "output_dir": None,
-        "batch_size": 64,  # per rank
-        "grad_accum": 1,
-        "lr": 1e-3,
-        "weight_decay": 0.0,
-        "warmup_steps": 0,
-        "lr_schedule": "linear",  # after warm-up: linear (to 0 at the end) | cosine | constant
-        "epochs": 10,
-        "max_steps": None,
-        "seed": 0,
-        "mixed_precision": "no",  # no | bf16 | fp16
-        "log_every": 10,
-        "eval_every": 100,
-        "eval_batch_size": 256,
-        "eval_exclude_history": False,  # rank out every item of the user's whole history
-        "save_every": 100,
-        "keep_checkpoints": 2,
-        "patience": 5,
-        "kill_at_step": None,  # fault injection for tests: SIGKILL after that optimizer step
-        "cpu_threads": None,  # CPU: torch threads per rank (None: the cores / local ranks)
-    },
-}
 LR_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
-DISTILL_FILE = "distillation.json"
-COLLABORATIVE_FILE = "collaborative_embedding.safetensors"
 
 
 def parse_args(argv=None):
@@ -114,11 +72,44 @@ def parse_args(argv=None):
         help="continue from the latest checkpoint in OUTPUT/checkpoints",
     )
     parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the config and inputs (paths, vocabularies, output folder), then exit: "
+        "0 and one line when all is well, 2 and one error line otherwise",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
-        help="config overrides, e.g. loss.ranking.enabled=true train.lr=5e-4",
+        help="config overrides, e.g. loss.ranking.enabled=true train.lr=5e-4; every key and "
+        "its default: docs/distill.md",
     )
     return parser.parse_args(argv)
+
+
+def check_inputs(cfg: dict, resume: bool) -> str:
+    """Everything that can be wrong before a rank starts; a one-line summary when all is well."""
+    from recdistill.models import STUDENTS
+
+    data_cfg, student_cfg = cfg["data"], cfg["student"]
+    choice(cfg, "train.lr_schedule", list(LR_SCHEDULES))
+    choice(cfg, "shards.mode", ["exact", "resampled"])
+    choice(cfg, "shards.on_error", ["raise", "skip"])
+    choice(cfg, "student.architecture", list(STUDENTS))
+    choice(cfg, "train.mixed_precision", ["no", "bf16", "fp16"])
+    output_dir = required(cfg, "train.output_dir")
+    stats = data_stats(required(cfg, "data.dir"))
+    shard_dir = Path(required(cfg, "shards.dir"))
+    manifest = load_manifest(shard_dir)
+    check_shards_match_data(shard_dir, manifest, stats, verify_checksums=False)
+    if student_cfg["architecture"] == "llama" and student_cfg["init"] == "teacher":
+        existing_dir(student_cfg["teacher_dir"], "student.teacher_dir")
+    if cfg["loss"]["alignment"]["enabled"] and not manifest["hidden_layers"]:
+        raise ShardError(f"{shard_dir}: loss.alignment needs hidden states; the shards hold none")
+    fresh_or_resumed(output_dir, "train.output_dir", resume)
+    return (
+        f"{shard_dir}: {manifest['examples']} examples in {len(manifest['shards'])} shards match "
+        f"{data_cfg['dir']} ({stats['items']} items); {student_cfg['architecture']} student -> {output_dir}"
+    )
 
 
 # ---- parts ---------------------------------------------------------------------------------
@@ -144,71 +135,6 @@ def check_shards_match_data(
             )
         if verify_checksums and sha256_file(path) != shard["sha256"]:
             raise ShardError(f"{path}: sha256 differs from the manifest")
-
-
-def build_student(student_cfg: dict, num_items: int, max_len: int):
-    architecture = student_cfg["architecture"]
-    if architecture not in STUDENTS:
-        raise ValueError(
-            f"student.architecture {architecture!r}: choose one of {', '.join(STUDENTS)}"
-        )
-    if architecture == "llama" and student_cfg["init"] == "teacher":
-        return LlamaStudent.from_teacher(
-            student_cfg["teacher_dir"], list(student_cfg["teacher_layers"]), max_len
-        )
-    if architecture == "llama" and student_cfg["init"] == "base":
-        return LlamaStudent.from_base(
-            student_cfg["base_path"], student_cfg["num_layers"], num_items, max_len=max_len
-        )
-    config_class, model_class = STUDENTS[architecture]
-    return model_class(config_class(num_items=num_items, max_len=max_len, **student_cfg["options"]))
-
-
-def block_dims(student) -> list[int]:
-    """Width of each student block's output, read off one tiny forward."""
-    with torch.no_grad():
-        was_training = student.training
-        out = student.eval()(torch.ones(1, 2, dtype=torch.long), torch.tensor([2]))
-        student.train(was_training)
-    return [state.shape[-1] for state in out.block_states]
-
-
-def save_distilled(objective: DistillationObjective, directory: Path, cfg: dict) -> None:
-    """The student's own files, plus what evaluation needs of the distillation (the collaborative
-    embedding, which changes the item table)."""
-    objective.student.save_pretrained(directory)
-    if objective.collaborative is not None:
-        save_file(
-            {
-                k: v.detach().cpu().contiguous()
-                for k, v in objective.collaborative.state_dict().items()
-            },
-            str(directory / COLLABORATIVE_FILE),
-        )
-    (directory / DISTILL_FILE).write_text(json.dumps({"loss": cfg["loss"]}, indent=2) + "\n")
-
-
-def load_distilled(directory: str | Path) -> DistillationObjective:
-    """A student release ready to score (with its collaborative embedding when it has one)."""
-    directory = Path(directory)
-    student = load_student(directory)
-    loss_cfg = (
-        json.loads((directory / DISTILL_FILE).read_text())["loss"]
-        if (directory / DISTILL_FILE).is_file()
-        else LOSS_DEFAULTS
-    )
-    inference_cfg = {
-        **LOSS_DEFAULTS,
-        "chunk_size": loss_cfg.get("chunk_size", 8192),
-        "embedding": loss_cfg.get("embedding", LOSS_DEFAULTS["embedding"]),
-    }
-    teacher_table = None
-    if inference_cfg["embedding"]["enabled"]:
-        teacher_table = load_file(str(directory / COLLABORATIVE_FILE))["teacher_table"]
-    objective = DistillationObjective(student, inference_cfg, None, teacher_table)
-    if objective.collaborative is not None:
-        objective.collaborative.load_state_dict(load_file(str(directory / COLLABORATIVE_FILE)))
-    return objective.eval()
 
 
 class TrainState:
@@ -333,16 +259,7 @@ class TermWindow:
 # ---- the job -------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides, DEFAULTS)
-    data_cfg, shard_cfg, train_cfg, loss_cfg = cfg["data"], cfg["shards"], cfg["train"], cfg["loss"]
-    if train_cfg["lr_schedule"] not in LR_SCHEDULES:
-        raise SystemExit(
-            f"train.lr_schedule {train_cfg['lr_schedule']!r}: use one of {', '.join(LR_SCHEDULES)}"
-        )
-    output_dir = Path(train_cfg["output_dir"])
-    checkpoints = output_dir / "checkpoints"
+def make_accelerator(train_cfg: dict, output_dir: Path) -> Accelerator:
     accelerator = Accelerator(
         gradient_accumulation_steps=train_cfg["grad_accum"],
         mixed_precision=train_cfg["mixed_precision"],
@@ -353,19 +270,13 @@ def main(argv=None) -> int:
         cores_per_rank = max(1, (os.cpu_count() or 1) // accelerator.num_processes)
         torch.set_num_threads(train_cfg["cpu_threads"] or cores_per_rank)
     set_seed(train_cfg["seed"])
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if accelerator.is_main_process:
-        start_run_dir(output_dir, cfg, args.resume)
+    return accelerator
 
-    shard_dir = Path(shard_cfg["dir"])
-    manifest = load_manifest(shard_dir)
-    splits, stats = load_sequences(data_cfg["dir"])
-    check_shards_match_data(shard_dir, manifest, stats, shard_cfg["verify_checksums"])
-    max_len, exclude_history = data_cfg["max_len"], train_cfg["eval_exclude_history"]
-    valid_examples, valid_seen = eval_split(splits, "valid", max_len, exclude_history)
-    test_examples, test_seen = eval_split(splits, "test", max_len, exclude_history)
 
-    student = build_student(cfg["student"], stats["items"], data_cfg["max_len"])
+def build_objective(cfg: dict, num_items: int, shard_dir: Path, manifest: dict):
+    """The student with its distillation parts, and its AdamW."""
+    loss_cfg, train_cfg = cfg["loss"], cfg["train"]
+    student = build_student(cfg["student"], num_items, cfg["data"]["max_len"])
     teacher_table = (
         load_file(str(shard_dir / ITEM_TABLE_FILE))["weight"]
         if loss_cfg["embedding"]["enabled"]
@@ -377,7 +288,12 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW(
         objective.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"]
     )
+    return objective, optimizer
 
+
+def build_stream(cfg: dict, shard_dir: Path, manifest: dict, rank: int, world: int):
+    """This rank's shard stream and the job's optimizer steps (the same on every rank)."""
+    shard_cfg, train_cfg = cfg["shards"], cfg["train"]
     stream = TeacherShardStream(
         shard_dir,
         manifest,
@@ -392,20 +308,151 @@ def main(argv=None) -> int:
     )
     micro_per_epoch = [stream.steps_per_epoch(epoch) for epoch in range(train_cfg["epochs"])]
     if min(micro_per_epoch) < train_cfg["grad_accum"]:
-        raise SystemExit(
+        raise ShardError(
             f"{shard_dir}: too few samples for one step of {world} x {train_cfg['batch_size']}"
         )
     total_steps = train_cfg["max_steps"] or sum(
         n // train_cfg["grad_accum"] for n in micro_per_epoch
     )
+    return stream, total_steps
+
+
+def build_scheduler(train_cfg: dict, optimizer, total_steps: int, world: int):
     # Accelerate's prepared scheduler advances once per process at every optimizer step.
-    scheduler = get_scheduler(
+    return get_scheduler(
         LR_SCHEDULES[train_cfg["lr_schedule"]],
         optimizer,
         num_warmup_steps=train_cfg["warmup_steps"] * world,
         num_training_steps=total_steps * world,
     )
 
+
+def save_checkpoint(accelerator, checkpoints: Path, state: dict, stream, keep: int) -> None:
+    """Accelerate's save_state (model, optimizer, scheduler, RNG, TrainState) under step-N; a kill
+    mid-save leaves only a .tmp, never a broken latest."""
+    stream.set_position(state["epoch"], state["batch_in_epoch"])
+    state["worker_positions"] = stream.worker_positions()
+    target = checkpoints / f"step-{state['step']:07d}"
+    scratch = target.with_name(target.name + ".tmp")
+    accelerator.save_state(str(scratch))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(scratch, target)
+        for old in sorted(checkpoints.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def write_metrics(accelerator, output_dir: Path, record: dict) -> None:
+    if accelerator.is_main_process:  # one line per logging window, one per validation
+        with open(output_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def evaluate_split(model, accelerator, examples: list, seen: list | None, batch_size: int) -> dict:
+    """Full-ranking metrics of the student over a split, every rank scoring its share."""
+    model.eval()
+    sums = ranking_sums(
+        model.rank_targets,
+        examples,
+        batch_size,
+        accelerator.device,
+        accelerator.process_index,
+        accelerator.num_processes,
+        seen=seen,
+    )
+    model.train()
+    return finalize(all_reduce_sums(sums, accelerator.device))
+
+
+def log_window(
+    accelerator, window: TermWindow, state: dict, step: int, scheduler, watch, output_dir
+):
+    """The loop's only host sync: the window's terms, skipped shards and the stop request in one
+    all-reduce; a metrics line. True when a rank was asked to stop (the Slurm USR1 trap)."""
+    asked = accelerator.is_main_process and (output_dir / STOP_FILE).exists()
+    means, skipped, stop = window.reduce(accelerator, state["skipped_shards"], asked)
+    watch.update(means, step)
+    record = {f"loss/{k}": v for k, v in means.items()}
+    record["samples_per_s"] = window.samples / (time.perf_counter() - window.started)
+    record["lr"] = scheduler.get_last_lr()[0]
+    record["skipped_shards"] = skipped
+    accelerator.log(record, step=step)
+    write_metrics(
+        accelerator,
+        output_dir,
+        {"step": step, "micro_steps": window.micro_steps, "terms": means, **record},
+    )
+    window.reset()
+    return stop, record
+
+
+def validate(model, accelerator, split: tuple, state: dict, step: int, train_cfg, output_dir):
+    """Validation, the best weights kept in best.safetensors, early stopping after `patience`."""
+    valid = evaluate_split(model, accelerator, *split, train_cfg["eval_batch_size"])
+    valid_record = {f"valid/{k}": v for k, v in valid.items()}
+    accelerator.log(valid_record, step=step)
+    write_metrics(accelerator, output_dir, {"step": step, **valid_record})  # the curve
+    if valid["ndcg@10"] > state["best_ndcg"]:
+        state["best_ndcg"], state["bad_evals"] = valid["ndcg@10"], 0
+        if accelerator.is_main_process:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                str(output_dir / "best.safetensors"),
+            )
+    else:
+        state["bad_evals"] += 1
+        state["stopped"] = state["bad_evals"] >= train_cfg["patience"]
+    return valid
+
+
+def save_release(model, accelerator, cfg: dict, state: dict, test: dict, output_dir: Path) -> None:
+    """OUTPUT/final: the best student (save_pretrained), its distillation parts, test metrics;
+    staged and renamed, so a kill never leaves a half-written release."""
+    if not accelerator.is_main_process:
+        return
+    staging = output_dir / "final.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_distilled(model, staging, cfg)
+    metrics = {
+        "student": test,
+        "best_valid_ndcg@10": state["best_ndcg"],
+        "steps": state["step"],
+        "skipped_shards": state["skipped_shards"],
+        "terms": expected_terms(cfg["loss"]),
+    }
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    shutil.rmtree(output_dir / "final", ignore_errors=True)
+    os.replace(staging, output_dir / "final")
+    print(json.dumps({"test": test}))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides, DEFAULTS)
+    summary = check_inputs(cfg, args.resume)
+    if args.check:
+        print(f"ok: {summary}")
+        return 0
+    data_cfg, shard_cfg, train_cfg = cfg["data"], cfg["shards"], cfg["train"]
+    output_dir = Path(train_cfg["output_dir"])
+    checkpoints = output_dir / "checkpoints"
+    accelerator = make_accelerator(train_cfg, output_dir)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        start_run_dir(output_dir, cfg, args.resume)
+
+    # ---- build: data, student + objective, shard stream, schedule
+    shard_dir = Path(shard_cfg["dir"])
+    manifest = load_manifest(shard_dir)
+    splits, stats = load_sequences(data_cfg["dir"])
+    check_shards_match_data(shard_dir, manifest, stats, shard_cfg["verify_checksums"])
+    max_len, exclude_history = data_cfg["max_len"], train_cfg["eval_exclude_history"]
+    valid_split = eval_split(splits, "valid", max_len, exclude_history)
+    test_split = eval_split(splits, "test", max_len, exclude_history)
+    objective, optimizer = build_objective(cfg, stats["items"], shard_dir, manifest)
+    stream, total_steps = build_stream(cfg, shard_dir, manifest, rank, world)
+    scheduler = build_scheduler(train_cfg, optimizer, total_steps, world)
     objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
     model = accelerator.unwrap_model(objective)
     state = TrainState()
@@ -416,41 +463,10 @@ def main(argv=None) -> int:
             f"resumed from {latest.name}: epoch {state.values['epoch']}, batch {state.values['batch_in_epoch']}"
         )
     accelerator.init_trackers("tensorboard")
-    watch = LossWatch(expected_terms(loss_cfg)[1:], train_cfg["log_every"])
+    watch = LossWatch(expected_terms(cfg["loss"])[1:], train_cfg["log_every"])
     s = state.values
 
-    def save_checkpoint() -> None:
-        stream.set_position(s["epoch"], s["batch_in_epoch"])
-        s["worker_positions"] = stream.worker_positions()
-        target = checkpoints / f"step-{s['step']:07d}"
-        scratch = target.with_name(target.name + ".tmp")
-        accelerator.save_state(str(scratch))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            os.replace(scratch, target)  # a kill mid-save leaves only a .tmp, never a broken latest
-            for old in sorted(checkpoints.glob("step-*"))[: -train_cfg["keep_checkpoints"]]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-
-    def write_metrics(record: dict) -> None:
-        if accelerator.is_main_process:  # one line per record: every term every step, validations
-            with open(output_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-    def evaluate_split(examples: list, seen: list | None) -> dict:
-        model.eval()
-        sums = ranking_sums(
-            model.rank_targets,
-            examples,
-            train_cfg["eval_batch_size"],
-            accelerator.device,
-            rank,
-            world,
-            seen=seen,
-        )
-        model.train()
-        return finalize(all_reduce_sums(sums, accelerator.device))
-
+    # ---- loop
     progress = tqdm(
         total=total_steps,
         initial=s["step"],
@@ -459,7 +475,6 @@ def main(argv=None) -> int:
         disable=not accelerator.is_main_process,
     )
     window = TermWindow(accelerator.device)
-    log_every = train_cfg["log_every"]
     objective.train()
     # One loader for the whole job: the stream runs on across epochs by itself, and every rank
     # knows each epoch's batch count from the plan, so no step asks the other ranks anything.
@@ -489,74 +504,35 @@ def main(argv=None) -> int:
         step = s["step"]
         progress.update(1)
         stop = False
-        if step % log_every == 0 or step == total_steps:
-            # The only host sync of a training step, every log_every steps: terms, skipped shards
-            # and the stop request travel in one all-reduce.
-            asked = accelerator.is_main_process and (output_dir / STOP_FILE).exists()
-            means, skipped, stop = window.reduce(accelerator, s["skipped_shards"], asked)
-            watch.update(means, step)
-            record = {f"loss/{k}": v for k, v in means.items()}
-            record["samples_per_s"] = window.samples / (time.perf_counter() - window.started)
-            record["lr"] = scheduler.get_last_lr()[0]
-            record["skipped_shards"] = skipped
-            accelerator.log(record, step=step)
-            write_metrics(
-                {"step": step, "micro_steps": window.micro_steps, "terms": means, **record}
-            )
+        if step % train_cfg["log_every"] == 0 or step == total_steps:
+            stop, record = log_window(accelerator, window, s, step, scheduler, watch, output_dir)
             progress.set_postfix(
-                loss=f"{means['total']:.4f}", samples_s=f"{record['samples_per_s']:.0f}"
+                loss=f"{record['loss/total']:.4f}", samples_s=f"{record['samples_per_s']:.0f}"
             )
-            window.reset()
         if step % train_cfg["eval_every"] == 0 or step == total_steps:
-            valid = evaluate_split(valid_examples, valid_seen)
-            valid_record = {f"valid/{k}": v for k, v in valid.items()}
-            accelerator.log(valid_record, step=step)
-            write_metrics({"step": step, **valid_record})  # the curve, beside the terms
-            if valid["ndcg@10"] > s["best_ndcg"]:
-                s["best_ndcg"], s["bad_evals"] = valid["ndcg@10"], 0
-                if accelerator.is_main_process:
-                    save_file(
-                        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                        str(output_dir / "best.safetensors"),
-                    )
-            else:
-                s["bad_evals"] += 1
-                s["stopped"] = s["bad_evals"] >= train_cfg["patience"]
+            valid = validate(model, accelerator, valid_split, s, step, train_cfg, output_dir)
             if accelerator.is_main_process:
                 progress.write(
                     f"step {step}: valid ndcg@10 {valid['ndcg@10']:.4f} hr@10 {valid['hr@10']:.4f}"
                 )
         if step % train_cfg["save_every"] == 0:
-            save_checkpoint()
+            save_checkpoint(accelerator, checkpoints, s, stream, train_cfg["keep_checkpoints"])
         if train_cfg["kill_at_step"] == step:
             os.kill(os.getpid(), signal.SIGKILL)
         if stop:
-            save_checkpoint()
+            save_checkpoint(accelerator, checkpoints, s, stream, train_cfg["keep_checkpoints"])
             accelerator.print(f"stop requested: checkpointed step {step}, exiting to be requeued")
             accelerator.end_training()
             dist.destroy_process_group()
             return 0
     progress.close()
 
+    # ---- save: the best weights, scored on test
     accelerator.wait_for_everyone()
     if (output_dir / "best.safetensors").is_file():
         model.load_state_dict(load_file(str(output_dir / "best.safetensors")))
-    test = evaluate_split(test_examples, test_seen)
-    if accelerator.is_main_process:
-        staging = output_dir / "final.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        save_distilled(model, staging, cfg)
-        metrics = {
-            "student": test,
-            "best_valid_ndcg@10": s["best_ndcg"],
-            "steps": s["step"],
-            "skipped_shards": s["skipped_shards"],
-            "terms": expected_terms(loss_cfg),
-        }
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        shutil.rmtree(output_dir / "final", ignore_errors=True)
-        os.replace(staging, output_dir / "final")
-        print(json.dumps({"test": test}))
+    test = evaluate_split(model, accelerator, *test_split, train_cfg["eval_batch_size"])
+    save_release(model, accelerator, cfg, s, test, output_dir)
     accelerator.end_training()
     if dist.is_initialized():
         dist.destroy_process_group()  # left to interpreter exit, it can abort the process

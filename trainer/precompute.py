@@ -33,7 +33,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import deepspeed
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
@@ -41,8 +40,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from recdistill.models.teacher import WEIGHTS_FILE, LLMRecTeacher, load_teacher_config
-from recdistill.trainer.config import load_config, save_config
-from recdistill.trainer.data.batches import pad_right, select_prefixes
+from recdistill.trainer.config import ConfigError, load_config, save_config
 from recdistill.trainer.data.pipeline import load_sequences
 from recdistill.trainer.data.shards import (
     COMPRESSIONS,
@@ -56,32 +54,13 @@ from recdistill.trainer.data.shards import (
     verify_group,
     write_json_atomic,
 )
-from recdistill.trainer.deepspeed_host import init_distributed
+from recdistill.trainer.data.teacher_outputs import batch_samples, plan_examples, temperatures_of
+from recdistill.trainer.deepspeed_host import init_distributed, local_world_size
+from recdistill.trainer.defaults import PRECOMPUTE as DEFAULTS
+from recdistill.trainer.errors import JobError
+from recdistill.trainer.inputs import choice, data_stats, existing_dir, existing_file, required
 from recdistill.trainer.requeue import STOP_FILE
 from recdistill.trainer.shutdown import run_and_exit
-from recdistill.trainer.teacher import local_world_size
-
-DEFAULTS: dict = {
-    "teacher": None,  # a teacher release folder (OUTPUT/final of trainer/teacher.py)
-    "data": {"dir": None, "mode": "sequence", "prefixes": "all", "max_len": 50},
-    "output_dir": None,
-    "topk": 50,
-    "temperatures": [1.0],
-    "hidden_layers": [],  # teacher hidden_states indices (i = after block i) to store
-    "hidden_positions": [
-        -1
-    ],  # sequence mode: positions (from the end) whose hidden states are stored
-    "hidden_dtype": "float16",  # float16 | bfloat16 | int8
-    "batch_size": 64,
-    "shard_size": 1000,  # examples per group (the unit of work and of resume)
-    "shard_max_bytes": 256_000_000,  # a group's tar files roll over at this size
-    "block_size": 1024,  # samples per columnar block (one tar entry, one read, one checksum)
-    "compression": "none",  # none | zstd (per block)
-    "inference": "data_parallel",  # data_parallel | zero3
-    "dtype": "float32",  # data_parallel: float32 | bfloat16 | float16
-    "deepspeed_config": "ds_configs/zero3_bf16.json",  # zero3 inference
-    "kill_after_batches": None,  # fault injection for tests: SIGKILL rank 0 after that many batches
-}
 
 
 def parse_args(argv=None):
@@ -93,34 +72,53 @@ def parse_args(argv=None):
     )
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     parser.add_argument(
-        "overrides", nargs="*", help="config overrides, e.g. topk=100 batch_size=256"
+        "--check",
+        action="store_true",
+        help="only check the config and inputs (paths, vocabularies, output folder), then exit: "
+        "0 and one line when all is well, 2 and one error line otherwise",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides, e.g. topk=100 batch_size=256; every key and its default: "
+        "docs/precompute.md",
     )
     return parser.parse_args(argv)
 
 
+def check_inputs(cfg: dict) -> str:
+    """Everything that can be wrong before a rank starts; a one-line summary when all is well."""
+    choice(cfg, "inference", ["data_parallel", "zero3"])
+    choice(cfg, "compression", list(COMPRESSIONS))
+    choice(cfg, "hidden_dtype", ["float16", "bfloat16", "int8"])
+    choice(cfg, "dtype", ["float32", "bfloat16", "float16"])
+    teacher_dir = existing_dir(required(cfg, "teacher"), "teacher")
+    existing_file(teacher_dir / "teacher_config.json", "teacher")
+    existing_file(teacher_dir / WEIGHTS_FILE, "teacher")
+    if cfg["inference"] == "zero3":
+        existing_file(cfg["deepspeed_config"], "deepspeed_config")
+    out_dir = Path(required(cfg, "output_dir"))
+    stats = data_stats(required(cfg, "data.dir"))
+    model_config = load_teacher_config(teacher_dir)
+    metrics_path = teacher_dir / "metrics.json"
+    trained_on = (
+        json.loads(metrics_path.read_text()).get("item_vocab_sha256")
+        if metrics_path.is_file()
+        else None
+    )
+    if trained_on not in (None, stats["item_vocab_sha256"]):
+        raise JobError(
+            f"teacher {teacher_dir} was trained on another item vocabulary than data.dir {cfg['data']['dir']}"
+        )
+    if model_config.mode != cfg["data"]["mode"]:
+        raise ConfigError(
+            f"data.mode {cfg['data']['mode']!r}: teacher {teacher_dir} was trained in {model_config.mode} mode"
+        )
+    refuse_other_format(out_dir)
+    return f"teacher {teacher_dir} ({model_config.mode} mode) over {cfg['data']['dir']} ({stats['items']} items) -> {out_dir}"
+
+
 # ---- examples ------------------------------------------------------------------------------
-
-
-def plan_examples(train_items: list, data_cfg: dict) -> list[tuple[str, int, list[int], list[int]]]:
-    """(key, user row, input items, targets) in a fixed order that does not depend on ranks.
-
-    Sequence mode: one example per user, every position a target. Prefix mode: one per chosen
-    history prefix, with a single target.
-    """
-    max_len = data_cfg["max_len"]
-    examples = []
-    for row, items in enumerate(train_items):
-        if len(items) < 2:
-            continue
-        if data_cfg["mode"] == "sequence":
-            seq = items[-(max_len + 1) :]
-            examples.append((f"u{row:09d}", row, seq[:-1], seq[1:]))
-        else:
-            for t in select_prefixes(len(items), data_cfg["prefixes"]):
-                examples.append(
-                    (f"u{row:09d}t{t:05d}", row, items[max(0, t - max_len) : t], [items[t]])
-                )
-    return examples
 
 
 # ---- the teacher ---------------------------------------------------------------------------
@@ -160,86 +158,6 @@ def load_teacher_zero3(path: Path, ds_config_path: str):
 # ---- samples -------------------------------------------------------------------------------
 
 
-def pack_hidden(hidden: torch.Tensor, dtype: str) -> dict[str, np.ndarray]:
-    """[P, H] hidden states in the stored dtype (bfloat16 travels as its uint16 bits)."""
-    if dtype == "float16":
-        return {"": hidden.to(torch.float16).cpu().numpy()}
-    if dtype == "bfloat16":
-        return {"": hidden.to(torch.bfloat16).view(torch.uint16).cpu().numpy()}
-    if dtype == "int8":
-        scale = hidden.float().abs().amax(dim=-1).clamp(min=1e-12) / 127.0  # [P]
-        quantized = torch.round(hidden.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return {"": quantized.cpu().numpy(), "_scale": scale.cpu().numpy().astype(np.float32)}
-    raise ValueError(f"hidden_dtype {dtype!r}: use float16, bfloat16 or int8")
-
-
-def temperatures_of(cfg: dict) -> tuple[float, ...]:
-    """Temperature 1 first (confidence and log p use it), then the others the config lists."""
-    return (1.0, *[float(t) for t in cfg["temperatures"] if float(t) != 1.0])
-
-
-def hidden_positions(length: int, wanted: list[int]) -> list[int]:
-    """Sequence mode: the configured positions (negative = from the end) inside a sequence."""
-    return sorted({min(max(length + p if p < 0 else p, 0), length - 1) for p in wanted})
-
-
-def batch_samples(
-    teacher, num_items: int, examples: list, cfg: dict, device
-) -> list[tuple[str, dict]]:
-    """One teacher forward for a batch of examples; returns (key, arrays) per example."""
-
-    sequence_mode = cfg["data"]["mode"] == "sequence"
-    inputs, lengths = pad_right([e[2] for e in examples])
-    if sequence_mode:
-        targets, _ = pad_right([e[3] for e in examples], length=inputs.shape[1])
-    else:
-        targets = torch.tensor([e[3][0] for e in examples])
-    inputs, lengths, targets = inputs.to(device), lengths.to(device), targets.to(device)
-    with torch.no_grad():
-        out = teacher(
-            inputs,
-            lengths,
-            targets=targets,
-            hidden_layers=tuple(cfg["hidden_layers"]),
-            topk=min(cfg["topk"], num_items),
-            temperatures=temperatures_of(cfg),
-            score="all",
-            rank_targets=False,  # the samples store log p of the target, not its rank
-        )
-    stats = out.stats  # rows: every real position, user by user
-    ids = id_dtype(num_items)
-    target_logprob = stats.target_scores - stats.logsumexp[:, 0]
-    # The last real position of each row in the backbone's input (prefix mode: after the prompt).
-    last = getattr(teacher, "module", teacher).last_positions(lengths)
-    samples, offset = [], 0
-    for row, (key, user_row, item_ids, example_targets) in enumerate(examples):
-        rows = slice(offset, offset + len(example_targets))
-        offset += len(example_targets)
-        arrays = {
-            "item_ids": np.asarray(item_ids, dtype=ids),
-            "targets": np.asarray(example_targets, dtype=ids),
-            "topk_ids": stats.topk_ids[rows].to(torch.int32).cpu().numpy().astype(ids),
-            "topk_scores": stats.topk_scores[rows].to(torch.float16).cpu().numpy(),
-            "logsumexp": stats.logsumexp[rows].float().cpu().numpy(),
-            "target_logprob": target_logprob[rows].float().cpu().numpy(),
-        }
-        if cfg["hidden_layers"]:
-            if sequence_mode:
-                positions = hidden_positions(len(item_ids), cfg["hidden_positions"])
-            else:
-                positions = [int(last[row])]
-            arrays["hidden_positions"] = np.asarray(positions, dtype=np.int32)
-            for layer in cfg["hidden_layers"]:
-                packed = pack_hidden(out.hidden_states[layer][row, positions], cfg["hidden_dtype"])
-                arrays.update(
-                    {f"hidden_{layer}{suffix}": value for suffix, value in packed.items()}
-                )
-        arrays["user_row"] = np.asarray([user_row], dtype=np.int64)  # row of the train split
-        samples.append((key, arrays))
-
-    return samples
-
-
 def teacher_id(teacher_dir: Path) -> dict:
     config_bytes = (teacher_dir / "teacher_config.json").read_bytes()
     return {
@@ -264,6 +182,10 @@ def save_item_table(teacher, path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides, DEFAULTS)
+    summary = check_inputs(cfg)
+    if args.check:
+        print(f"ok: {summary}")
+        return 0
     teacher_dir, out_dir = Path(cfg["teacher"]), Path(cfg["output_dir"])
 
     init_distributed()
@@ -278,32 +200,11 @@ def main(argv=None) -> int:
 
     model_config = load_teacher_config(teacher_dir)
     splits, stats = load_sequences(cfg["data"]["dir"])
-    teacher_metrics = (
-        json.loads((teacher_dir / "metrics.json").read_text())
-        if (teacher_dir / "metrics.json").is_file()
-        else {}
-    )
-    if (
-        teacher_metrics.get("item_vocab_sha256", stats["item_vocab_sha256"])
-        != stats["item_vocab_sha256"]
-    ):
-        raise SystemExit(
-            f"{teacher_dir} was trained on another item vocabulary than {cfg['data']['dir']}"
-        )
-    if model_config.mode != cfg["data"]["mode"]:
-        raise SystemExit(
-            f"teacher was trained in {model_config.mode} mode, data.mode is {cfg['data']['mode']}"
-        )
     examples = plan_examples(splits["train"]["items"], cfg["data"])
     size = cfg["shard_size"]
     groups = [(g, examples[g * size : (g + 1) * size]) for g in range(-(-len(examples) // size))]
     mine = [(g, members) for g, members in groups if g % world == rank]
 
-    if cfg["compression"] not in COMPRESSIONS:
-        raise SystemExit(
-            f"compression {cfg['compression']!r}: use one of {', '.join(COMPRESSIONS)}"
-        )
-    refuse_other_format(out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / MANIFEST).unlink(missing_ok=True)  # rewritten at the end, over every group
@@ -313,10 +214,8 @@ def main(argv=None) -> int:
 
     if cfg["inference"] == "zero3":
         teacher = load_teacher_zero3(teacher_dir, cfg["deepspeed_config"])
-    elif cfg["inference"] == "data_parallel":
-        teacher = load_teacher_data_parallel(teacher_dir, cfg["dtype"], device)
     else:
-        raise SystemExit(f"inference {cfg['inference']!r}: use data_parallel or zero3")
+        teacher = load_teacher_data_parallel(teacher_dir, cfg["dtype"], device)
 
     todo = []
     for group, members in mine:

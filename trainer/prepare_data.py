@@ -61,9 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-seq-len",
         type=int,
-        default=200,
-        help="keep the most recent items: inputs per user (default 200); 0 keeps whole "
-        "histories, for evaluation that ranks out everything a user has seen",
+        default=0,
+        help="keep only the most recent items per user (default 0: whole histories; every job "
+        "cuts its own data.max_len window, and evaluation can rank out everything a user has seen)",
     )
     parser.add_argument(
         "--num-proc",

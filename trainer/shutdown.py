@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable
 
 from recdistill.trainer.deepspeed_host import remove_deepspeed_shm_buffer
+from recdistill.trainer.errors import JobError
 
 
 def exit_after_cleanup(code: int) -> None:
@@ -32,14 +33,27 @@ def exit_after_cleanup(code: int) -> None:
     os._exit(code)
 
 
+def report_once(message: str) -> None:
+    """Print on one rank only (global rank 0, or a process outside any launcher): every rank
+    finds the same input error, and the user should read it once."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
 def run_and_exit(main: Callable[[], int]) -> None:
-    """A job's `__main__`: run `main`, report an error as Python would, clean up, then exit."""
+    """A job's `__main__`: run `main`; an input error (JobError, or SystemExit with a message)
+    is one line `error: ...` and exit code 2, anything else a traceback and 1; clean up, exit."""
     try:
         code = main()
+    except JobError as error:
+        report_once(f"error: {error}")
+        code = 2
     except SystemExit as stop:
         if isinstance(stop.code, str):
-            print(stop.code, file=sys.stderr)
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            report_once(stop.code if stop.code.startswith("error: ") else f"error: {stop.code}")
+            code = 2
+        else:
+            code = 0 if stop.code is None else stop.code
     except BaseException:
         traceback.print_exc()
         code = 1

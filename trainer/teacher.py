@@ -35,7 +35,7 @@ from recdistill.models.teacher import (
     save_teacher_files,
     train_flops,
 )
-from recdistill.trainer.config import load_config, save_config, start_run_dir
+from recdistill.trainer.config import ConfigError, load_config, save_config, start_run_dir
 from recdistill.trainer.data.batches import (
     global_batch_order,
     micro_batches,
@@ -44,66 +44,26 @@ from recdistill.trainer.data.batches import (
     sequence_batch,
 )
 from recdistill.trainer.data.pipeline import ITEM_MAP_FILE, load_sequences
-from recdistill.trainer.deepspeed_host import init_distributed
-from recdistill.trainer.evaluate import (
+from recdistill.trainer.deepspeed_host import init_distributed, local_world_size
+from recdistill.trainer.defaults import TEACHER as DEFAULTS
+from recdistill.trainer.evaluation import (
     all_reduce_sums,
     eval_split,
     popularity_metrics,
     ranking_sums,
 )
+from recdistill.trainer.inputs import (
+    choice,
+    data_stats,
+    existing_dir,
+    existing_file,
+    fresh_or_resumed,
+    required,
+)
 from recdistill.trainer.metrics import finalize
 from recdistill.trainer.requeue import stop_requested
 from recdistill.trainer.shutdown import run_and_exit
 from recdistill.trainer.throughput import peak_tflops, throughput_record
-
-DEFAULTS: dict = {
-    "data": {
-        "dir": None,  # output of trainer/prepare_data.py
-        "mode": "sequence",  # sequence | prefix
-        "prefixes": "last:5",  # prefix mode: which history prefixes of each user train (all, last:N, window:S)
-        "max_len": 50,  # most recent items fed to the model
-    },
-    "model": {
-        "backbone": {},  # HF config dict for a backbone built from scratch (tests, demo)
-        "backbone_path": None,  # local HF checkpoint (e.g. a LLaMA-2-7B folder); wins over `backbone`
-        "item_dim": 64,
-        "item_init_std": None,  # item table N(0, this) at the start; null: N(0, item_dim^-0.5)
-        "input_dropout": 0.0,  # dropout on the projected item embeddings (from-scratch backbones)
-        "tied_projection_init": False,  # user_out_proj starts as item_in_proj transposed
-        "item_embeddings": None,  # safetensors file with an [N+1, item_dim] table `weight` (e.g. SASRec's)
-        "freeze_item_embeddings": False,
-        "lora": None,  # {r, alpha, dropout, target_modules}
-        "gradient_checkpointing": False,
-        "score_chunk_size": 8192,
-        "prompt": {
-            "tokenizer": None,
-            "prefix": "",
-            "suffix": "",
-            "prefix_ids": [],
-            "suffix_ids": [],
-        },
-    },
-    "train": {
-        "deepspeed_config": "ds_configs/zero3_bf16.json",
-        "output_dir": None,
-        "micro_batch_size": 16,
-        "grad_accum": 1,
-        "lr": 1e-4,
-        "weight_decay": 0.0,
-        "warmup_steps": 100,
-        "epochs": 1,
-        "max_steps": None,  # overrides epochs when set
-        "seed": 0,
-        "log_every": 10,
-        "peak_tflops": None,  # per device, for MFU; null: the GPU's bf16/fp16 peak from a table
-        "eval_every": 500,
-        "eval_batch_size": 64,
-        "eval_exclude_history": False,  # rank out every item of the user's whole history
-        "save_every": 500,
-        "patience": 5,  # evaluations without NDCG@10 improvement before stopping
-        "kill_at_step": None,  # fault injection for tests: SIGKILL this process after that step
-    },
-}
 
 
 def parse_args(argv=None):
@@ -118,17 +78,47 @@ def parse_args(argv=None):
     )
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     parser.add_argument(
-        "overrides", nargs="*", help="config overrides, e.g. train.lr=3e-4 data.max_len=20"
+        "--check",
+        action="store_true",
+        help="only check the config and inputs (paths, vocabularies, output folder), then exit: "
+        "0 and one line when all is well, 2 and one error line otherwise",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides, e.g. train.lr=3e-4 data.max_len=20; every key and its default: "
+        "docs/teacher.md",
     )
     return parser.parse_args(argv)
 
 
+def check_inputs(cfg: dict, resume: bool) -> str:
+    """Everything that can be wrong before a rank starts; a one-line summary when all is well."""
+    model_cfg = cfg["model"]
+    choice(cfg, "data.mode", ["sequence", "prefix"])
+    output_dir = required(cfg, "train.output_dir")
+    stats = data_stats(required(cfg, "data.dir"))
+    ds_path = existing_file(cfg["train"]["deepspeed_config"], "train.deepspeed_config")
+    try:
+        json.loads(ds_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"train.deepspeed_config {ds_path}: not JSON ({error})") from None
+    if model_cfg["backbone_path"]:
+        existing_dir(model_cfg["backbone_path"], "model.backbone_path")
+    elif not model_cfg["backbone"]:
+        raise ConfigError(
+            "set model.backbone_path (a local HF checkpoint) or model.backbone (a config)"
+        )
+    if model_cfg["item_embeddings"]:
+        existing_file(model_cfg["item_embeddings"], "model.item_embeddings")
+    if model_cfg["prompt"]["tokenizer"]:
+        existing_dir(model_cfg["prompt"]["tokenizer"], "model.prompt.tokenizer")
+    fresh_or_resumed(output_dir, "train.output_dir", resume)
+    backbone = model_cfg["backbone_path"] or model_cfg["backbone"].get("model_type", "config")
+    return f"{cfg['data']['dir']}: {stats['users']} users, {stats['items']} items; {backbone} teacher -> {output_dir}"
+
+
 # ---- parts ---------------------------------------------------------------------------------
-
-
-def local_world_size() -> int:
-    """Ranks on this machine: the deepspeed launcher says LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
 
 
 def build_examples(splits, data_cfg: dict) -> list:
@@ -284,22 +274,105 @@ class MetricsLog:
 # ---- the job -------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides, DEFAULTS)
-    data_cfg, model_cfg, train_cfg = cfg["data"], cfg["model"], cfg["train"]
-    output_dir = Path(train_cfg["output_dir"])
-    checkpoints = output_dir / "checkpoints"
-
+def start_ranks() -> torch.device:
+    """The process group, and this rank's device (CPU ranks share the cores: oversubscribed
+    threads make CPU runs 10x slower)."""
     init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(
         deepspeed.get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", 0))
     )
     if device.type != "cpu":
         deepspeed.get_accelerator().set_device(device.index)
-    else:  # ranks share the machine's cores: oversubscribed threads make CPU runs 10x slower
+    else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
+    return device
+
+
+def build_engine(config: TeacherConfig, model_cfg: dict, ds_config: dict):
+    """The teacher built under zero.Init (ZeRO-3: partitioned as it is built, a 7B checkpoint
+    loaded partitioned) and its DeepSpeed engine and scheduler."""
+    import_backbone_modules(config)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
+        model = LLMRecTeacher(config)
+    if model_cfg["item_embeddings"]:
+        load_item_embeddings(model, model_cfg["item_embeddings"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=trainable, config=ds_config
+    )
+    return engine, scheduler
+
+
+def loop_state(engine, checkpoints: Path, resume: bool) -> dict:
+    """The loop's position and early-stopping state: fresh, or from the latest checkpoint."""
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "best_ndcg": -1.0,
+        "bad_evals": 0,
+        "stopped": False,
+    }
+    if resume and (checkpoints / "latest").is_file():
+        _, client_state = engine.load_checkpoint(str(checkpoints))
+        state.update(client_state["state"])
+        torch.set_rng_state(client_state["torch_rng"])
+        if dist.get_rank() == 0:
+            print(
+                f"resumed from step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})"
+            )
+    return state
+
+
+def save_release(engine, cfg, config, splits, stats, state, test, test_split, log) -> None:
+    """OUTPUT/final: the engine's weights consolidated to 16 bits (every rank takes part), saved
+    HF-style with the item map, run config and test metrics; staged and renamed."""
+    data_cfg, output_dir = cfg["data"], Path(cfg["train"]["output_dir"])
+    test_examples, test_seen = test_split
+    rank = dist.get_rank()
+    final = output_dir / "final"
+    staging = output_dir / "final.tmp"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
+    engine.save_16bit_model(str(staging), "consolidated.bin")
+    if rank == 0:
+        state_dict = torch.load(staging / "consolidated.bin", map_location="cpu", weights_only=True)
+        (staging / "consolidated.bin").unlink()
+        save_teacher_files(staging, config, state_dict)
+        shutil.copy(Path(data_cfg["dir"]) / ITEM_MAP_FILE, staging / ITEM_MAP_FILE)
+        save_config(cfg, staging / "run_config.yaml")
+        popularity = popularity_metrics(
+            [s for s in splits["train"]["items"]], test_examples, stats["items"], test_seen
+        )
+        metrics = {
+            "teacher": test,
+            "popularity": popularity,
+            "best_valid_ndcg@10": state["best_ndcg"],
+            "steps": state["step"],
+            "item_vocab_sha256": stats["item_vocab_sha256"],
+        }
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if final.exists():  # a resumed run that had already finished: the new release replaces it
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        log.log(state["step"], {f"test/{k}": v for k, v in test.items()})
+        print(json.dumps({"test": test, "popularity": popularity}))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides, DEFAULTS)
+    summary = check_inputs(cfg, args.resume)
+    if args.check:
+        print(f"ok: {summary}")
+        return 0
+    data_cfg, model_cfg, train_cfg = cfg["data"], cfg["model"], cfg["train"]
+    output_dir = Path(train_cfg["output_dir"])
+    checkpoints = output_dir / "checkpoints"
+
+    device = start_ranks()
+    rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
         start_run_dir(output_dir, cfg, args.resume)
     dist.barrier()
@@ -308,7 +381,7 @@ def main(argv=None) -> int:
     train_examples = build_examples(splits, data_cfg)
     max_len, exclude_history = data_cfg["max_len"], train_cfg["eval_exclude_history"]
     valid_examples, valid_seen = eval_split(splits, "valid", max_len, exclude_history)
-    test_examples, test_seen = eval_split(splits, "test", max_len, exclude_history)
+    test_split = eval_split(splits, "test", max_len, exclude_history)
     global_batch = train_cfg["micro_batch_size"] * train_cfg["grad_accum"] * world
     steps_per_epoch = len(train_examples) // global_batch
     if steps_per_epoch == 0:
@@ -324,32 +397,8 @@ def main(argv=None) -> int:
     matmul_params = backbone_matmul_params(config)
     # Keeping this object alive makes transformers build/load the backbone under zero.Init.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841
-    import_backbone_modules(config)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
-        model = LLMRecTeacher(config)
-    if model_cfg["item_embeddings"]:
-        load_item_embeddings(model, model_cfg["item_embeddings"])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=trainable, config=ds_config
-    )
-
-    state = {
-        "step": 0,
-        "epoch": 0,
-        "batch_in_epoch": 0,
-        "best_ndcg": -1.0,
-        "bad_evals": 0,
-        "stopped": False,
-    }
-    if args.resume and (checkpoints / "latest").is_file():
-        _, client_state = engine.load_checkpoint(str(checkpoints))
-        state.update(client_state["state"])
-        torch.set_rng_state(client_state["torch_rng"])
-        if rank == 0:
-            print(
-                f"resumed from step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})"
-            )
+    engine, scheduler = build_engine(config, model_cfg, ds_config)
+    state = loop_state(engine, checkpoints, args.resume)
     log = MetricsLog(output_dir, enabled=rank == 0)
 
     def checkpoint(tag: str, save_latest: bool = True) -> None:
@@ -455,41 +504,8 @@ def main(argv=None) -> int:
         # Optimizer states are loaded too although unused: DeepSpeed 0.19 ZeRO-3 without them
         # rebuilds the weights from the `latest` tag instead of the one asked for.
         engine.load_checkpoint(str(checkpoints), tag="best")
-    test = evaluate(
-        engine,
-        test_examples,
-        train_cfg["eval_batch_size"],
-        test_seen,
-        device,
-    )
-    final = output_dir / "final"
-    staging = output_dir / "final.tmp"
-    if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-    dist.barrier()
-    engine.save_16bit_model(str(staging), "consolidated.bin")
-    if rank == 0:
-        state_dict = torch.load(staging / "consolidated.bin", map_location="cpu", weights_only=True)
-        (staging / "consolidated.bin").unlink()
-        save_teacher_files(staging, config, state_dict)
-        shutil.copy(Path(data_cfg["dir"]) / ITEM_MAP_FILE, staging / ITEM_MAP_FILE)
-        save_config(cfg, staging / "run_config.yaml")
-        popularity = popularity_metrics(
-            [s for s in splits["train"]["items"]], test_examples, stats["items"], test_seen
-        )
-        metrics = {
-            "teacher": test,
-            "popularity": popularity,
-            "best_valid_ndcg@10": state["best_ndcg"],
-            "steps": state["step"],
-            "item_vocab_sha256": stats["item_vocab_sha256"],
-        }
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        if final.exists():  # a resumed run that had already finished: the new release replaces it
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        log.log(state["step"], {f"test/{k}": v for k, v in test.items()})
-        print(json.dumps({"test": test, "popularity": popularity}))
+    test = evaluate(engine, test_split[0], train_cfg["eval_batch_size"], test_split[1], device)
+    save_release(engine, cfg, config, splits, stats, state, test, test_split, log)
     log.close()
     dist.barrier()
     dist.destroy_process_group()  # a process group left to interpreter exit can abort the process

@@ -20,6 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from recdistill.trainer.errors import JobError
+
 EVENT_SCHEMA = pa.schema(
     [("user", pa.string()), ("item", pa.string()), ("time", pa.float64()), ("order", pa.int64())]
 )
@@ -28,7 +30,7 @@ FILE_FORMATS = ("sasrec", "lines", "recbole", "movielens", "csv", "tsv", "parque
 FORMATS = (*FILE_FORMATS, "synthetic")
 
 
-class DataError(ValueError):
+class DataError(JobError):
     """Bad input: the message names the file and the line or column."""
 
 

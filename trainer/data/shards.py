@@ -46,6 +46,8 @@ import numpy as np
 import xxhash
 from safetensors.numpy import save as st_save
 
+from recdistill.trainer.errors import JobError
+
 FORMAT = "recdistill-teacher-shards/2"
 MANIFEST = "manifest.json"
 ITEM_TABLE_FILE = "teacher_item_embeddings.safetensors"
@@ -55,7 +57,7 @@ COMPRESSIONS = ("none", "zstd")
 ROW_GROUPS = ("items", "targets", "hidden", "samples")
 
 
-class ShardError(ValueError):
+class ShardError(JobError):
     """A shard that is missing, truncated, corrupt or inconsistent with the manifest."""
 
 
