@@ -115,7 +115,7 @@ def main() -> int:
     bare_rate = timed(lambda b: bare(b, score=False))
     scored_rate = timed(lambda b: bare(b, score=True))
     with tempfile.TemporaryDirectory() as out:
-        sink = ShardSink(Path(out), max_count=len(examples), max_bytes=10**10)
+        sink = ShardSink(Path(out), max_blocks=len(examples), max_bytes=10**10)
         batch_samples(teacher, args.items, batches[0], cfg, device)  # warm-up
         sync()
         started = time.perf_counter()

@@ -96,6 +96,9 @@ def main() -> int:
             str(Path(work) / "out"),
             "--num-proc",
             str(args.num_proc),
+            # the setting its committed results were measured with (0 keeps whole histories)
+            "--max-seq-len",
+            "200",
         ]
         code, seconds, peak = run_with_peak_rss(command)
         if code != 0:

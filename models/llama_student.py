@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from recdistill.models.student_io import StudentOutput, save_student
 from recdistill.models.teacher import (
-    WEIGHTS_FILE,
     LLMRecTeacher,
     TeacherConfig,
     load_teacher_config,
@@ -74,7 +72,9 @@ class LlamaStudent(nn.Module):
     def from_teacher(
         cls, teacher_dir: str | Path, teacher_layers: list[int], max_len: int = 50
     ) -> LlamaStudent:
-        """Copy the teacher's non-layer weights and the chosen decoder layers (0-based)."""
+        """Copy the teacher's non-layer weights and the chosen decoder layers (0-based). The
+        release is loaded as the teacher loads it, LoRA adapters merged into the weights, so a
+        LoRA teacher's layers arrive under the plain backbone's names."""
         teacher_config = load_teacher_config(Path(teacher_dir))
         backbone = dict(teacher_config.backbone, num_hidden_layers=len(teacher_layers))
         student = cls(
@@ -86,7 +86,7 @@ class LlamaStudent(nn.Module):
                 score_chunk_size=teacher_config.score_chunk_size,
             )
         )
-        state = load_file(str(Path(teacher_dir) / WEIGHTS_FILE))
+        state = LLMRecTeacher.from_pretrained(Path(teacher_dir), merge_lora=True).state_dict()
         renamed = {}
         for name, tensor in state.items():
             if ".layers." in name:

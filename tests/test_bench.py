@@ -386,3 +386,21 @@ def test_student_jobs_side_by_side_stop_at_a_failure(tmp_path, monkeypatch):
     assert len(started) < len(runs)  # the queue was dropped at the failure
     wall = json.loads((tmp_path / "work/toy/logs/seconds.json").read_text())["students_wall"]
     assert 0.2 <= wall < 0.2 * len(runs)
+
+
+def test_precompute_benchmark_runs_and_reports_bytes(tmp_path):
+    """bench/precompute.py on a tiny teacher: the three passes run and the shards it writes are
+    format 2's (bytes per position far below full logits)."""
+    import subprocess
+
+    out = tmp_path / "precompute.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench/precompute.py"), "--items", "300", "--users", "16",
+         "--seq-len", "8", "--hidden", "32", "--layers", "1", "--topk", "10", "--batch-size", "8",
+         "--results", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["precompute_examples_per_s"] > 0
+    assert report["bytes_per_position"] < 0.5 * report["full_float32_logits_bytes_per_position"]

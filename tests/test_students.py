@@ -97,6 +97,23 @@ def test_llama_student_from_teacher_layers(tmp_path):
     torch.testing.assert_close(full(ids, lengths).user_reps, teacher(ids, lengths).user_reps)
 
 
+def test_llama_student_from_a_lora_teacher_release(tmp_path):
+    """The shipped 7B teacher trains with LoRA: its layers reach the student merged."""
+    torch.manual_seed(0)
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    config = TeacherConfig(num_items=20, backbone=TINY_LLAMA, item_dim=8, lora=lora)
+    teacher = LLMRecTeacher(config)
+    with torch.no_grad():  # non-zero adapters: merging them is observable
+        for name, param in teacher.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    teacher.save_pretrained(tmp_path)
+    merged = LLMRecTeacher.from_pretrained(tmp_path).eval()
+    student = LlamaStudent.from_teacher(tmp_path, [0, 1, 2, 3]).eval()
+    ids, lengths = pad_right([[3, 4, 5, 6]])
+    torch.testing.assert_close(student(ids, lengths).user_reps, merged(ids, lengths).user_reps)
+
+
 @pytest.mark.parametrize("architecture", list(STUDENTS))
 def test_inputs_from_an_external_item_table(architecture):
     """DLLM2Rec's collaborative embedding hands every student a changed item table: the inputs

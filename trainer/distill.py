@@ -64,7 +64,9 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--config", required=True, help="distillation config (YAML or JSON); see configs/"
+        "--config",
+        required=True,
+        help="distillation config (YAML or JSON), e.g. configs/distill_demo.yaml; keys: docs/distill.md",
     )
     parser.add_argument(
         "--resume",

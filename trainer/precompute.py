@@ -68,7 +68,9 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--config", required=True, help="precompute config (YAML or JSON); see configs/"
+        "--config",
+        required=True,
+        help="precompute config (YAML or JSON), e.g. configs/precompute_demo.yaml; keys: docs/precompute.md",
     )
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     parser.add_argument(

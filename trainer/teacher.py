@@ -70,7 +70,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", required=True, help="job config (YAML or JSON); see configs/")
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="teacher config (YAML or JSON), e.g. configs/teacher_demo.yaml; keys: docs/teacher.md",
+    )
     parser.add_argument(
         "--resume",
         action="store_true",
