@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from recdistill.launcher.local import accelerate_command, deepspeed_command, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +45,14 @@ DEMO_DATA_ARGS = [
 
 LOGS = "logs"
 PREVIOUS: dict = {}  # the report of an earlier run of this demo folder: seconds of skipped stages
+# data, teacher, precompute, check shards, 5 students, evaluate: the demo's progress bar
+STEPS = 10
+PROGRESS = tqdm(total=STEPS, unit="stage", desc="demo", disable=True)
+
+
+def say(line: str) -> None:
+    """One line above the progress bar."""
+    PROGRESS.write(line)
 
 
 def log_path(out: Path, name: str) -> Path:
@@ -54,7 +64,7 @@ def run_stage(out: Path, name: str, command: list[str], env: dict | None = None)
     fails."""
     log = log_path(out, name)
     log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"{name}: running (log: {log.relative_to(out.parent)})", flush=True)
+    say(f"{name}: running (log: {log.relative_to(out.parent)})")
     started = time.perf_counter()
     with open(log, "w") as handle:
         handle.write(f"$ {' '.join(command)}\n")
@@ -65,7 +75,8 @@ def run_stage(out: Path, name: str, command: list[str], env: dict | None = None)
         tail = log.read_text().splitlines()[-15:]
         print("\n".join(f"  | {line}" for line in tail), file=sys.stderr)
         raise SystemExit(f"demo: stage {name!r} failed (exit {result.returncode}); full log: {log}")
-    print(f"{name}: done in {seconds} s", flush=True)
+    say(f"{name}: done in {seconds} s")
+    PROGRESS.update(1)
     return seconds
 
 
@@ -80,7 +91,8 @@ def check_inputs(name: str, script: str, args: list[str], env: dict | None = Non
 
 def skipped(name: str, where: Path, stage: str) -> float | None:
     """Say that a finished stage is not rerun; its seconds from the run that made it."""
-    print(f"{name}: already done in {where} (skipped; --fresh reruns every stage)", flush=True)
+    say(f"{name}: already done in {where} (skipped; --fresh reruns every stage)")
+    PROGRESS.update(2 if name == "precompute" else 1)  # precompute's skip covers its check
     return PREVIOUS.get("stages", {}).get(stage, {}).get("seconds")
 
 
@@ -321,9 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     if (out / "report.json").is_file():
         PREVIOUS.update(json.loads((out / "report.json").read_text()))
     report: dict = {"stages": {}, "metrics": {}}
+    global PROGRESS
+    PROGRESS = tqdm(total=STEPS, unit="stage", desc="demo", leave=False)
     for stage in STAGES:
         stage(out, report)
         write_report(out, report)
+    PROGRESS.close()
     table = (out / "report.md").read_text()
     print("\n" + table[table.index("## test metrics") :])
     print(f"demo: report in {out / 'report.md'}, logs in {out / LOGS}")

@@ -102,6 +102,61 @@ def _merge(
             base[key] = copy.deepcopy(value)
 
 
+def parse_job_args(
+    description: str,
+    job: str,
+    override_example: str,
+    argv: list[str] | None = None,
+    resume: bool = True,
+    deepspeed: bool = False,
+):
+    """The command line every config-driven job shares: --config, --check, [--resume], overrides
+    (and the `--local_rank` the deepspeed launcher adds)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config",
+        required=True,
+        help=f"job config (YAML or JSON), e.g. configs/{job}_demo.yaml; keys: docs/{job}.md",
+    )
+    if resume:
+        parser.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue from the latest checkpoint in OUTPUT/checkpoints",
+        )
+    if deepspeed:
+        parser.add_argument(
+            "--local_rank", type=int, default=-1, help="set by the deepspeed launcher"
+        )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the config and inputs (paths, vocabularies, output folder), then exit: "
+        "0 and one line when all is well, 2 and one error line otherwise",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help=f"config overrides, e.g. {override_example}; every key and its default: docs/{job}.md",
+    )
+    return parser.parse_args(argv)
+
+
+def checked_config(args, defaults: dict, check_inputs) -> dict | None:
+    """The job's config with its inputs checked (`check_inputs(cfg)` raises a JobError or
+    returns a summary); None after `--check`, which prints `ok: SUMMARY`."""
+    cfg = load_config(args.config, args.overrides, defaults)
+    summary = check_inputs(cfg)
+    if args.check:
+        print(f"ok: {summary}")
+        return None
+    return cfg
+
+
 def save_config(config: dict, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
 

@@ -14,7 +14,6 @@ save the best student (`save_pretrained`) with its test metrics.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from transformers import get_scheduler
 
 from recdistill.models.distillation import DistillationObjective
 from recdistill.models.release import block_dims, build_student, save_distilled
-from recdistill.trainer.config import load_config, start_run_dir
+from recdistill.trainer.config import checked_config, parse_job_args, start_run_dir
 from recdistill.trainer.data.pipeline import load_sequences
 from recdistill.trainer.data.shard_stream import (
     TeacherShardStream,
@@ -60,32 +59,14 @@ LR_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_wi
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    return parse_job_args(
+        __doc__,
+        "distill",
+        "loss.ranking.enabled=true train.lr=5e-4",
+        argv,
+        resume=True,
+        deepspeed=False,
     )
-    parser.add_argument(
-        "--config",
-        required=True,
-        help="distillation config (YAML or JSON), e.g. configs/distill_demo.yaml; keys: docs/distill.md",
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the latest checkpoint in OUTPUT/checkpoints",
-    )
-    parser.add_argument(
-        "--check",
-        action="store_true",
-        help="only check the config and inputs (paths, vocabularies, output folder), then exit: "
-        "0 and one line when all is well, 2 and one error line otherwise",
-    )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        help="config overrides, e.g. loss.ranking.enabled=true train.lr=5e-4; every key and "
-        "its default: docs/distill.md",
-    )
-    return parser.parse_args(argv)
 
 
 def check_inputs(cfg: dict, resume: bool) -> str:
@@ -431,10 +412,8 @@ def save_release(model, accelerator, cfg: dict, state: dict, test: dict, output_
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides, DEFAULTS)
-    summary = check_inputs(cfg, args.resume)
-    if args.check:
-        print(f"ok: {summary}")
+    cfg = checked_config(args, DEFAULTS, lambda cfg: check_inputs(cfg, args.resume))
+    if cfg is None:  # --check
         return 0
     data_cfg, shard_cfg, train_cfg = cfg["data"], cfg["shards"], cfg["train"]
     output_dir = Path(train_cfg["output_dir"])

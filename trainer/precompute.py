@@ -23,7 +23,6 @@ parameters collectively, so unequal counts deadlock).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -40,7 +39,12 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from recdistill.models.teacher import WEIGHTS_FILE, LLMRecTeacher, load_teacher_config
-from recdistill.trainer.config import ConfigError, load_config, save_config
+from recdistill.trainer.config import (
+    ConfigError,
+    checked_config,
+    parse_job_args,
+    save_config,
+)
 from recdistill.trainer.data.pipeline import load_sequences
 from recdistill.trainer.data.shards import (
     COMPRESSIONS,
@@ -64,28 +68,9 @@ from recdistill.trainer.shutdown import run_and_exit
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    return parse_job_args(
+        __doc__, "precompute", "topk=100 batch_size=256", argv, resume=False, deepspeed=True
     )
-    parser.add_argument(
-        "--config",
-        required=True,
-        help="precompute config (YAML or JSON), e.g. configs/precompute_demo.yaml; keys: docs/precompute.md",
-    )
-    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    parser.add_argument(
-        "--check",
-        action="store_true",
-        help="only check the config and inputs (paths, vocabularies, output folder), then exit: "
-        "0 and one line when all is well, 2 and one error line otherwise",
-    )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        help="config overrides, e.g. topk=100 batch_size=256; every key and its default: "
-        "docs/precompute.md",
-    )
-    return parser.parse_args(argv)
 
 
 def check_inputs(cfg: dict) -> str:
@@ -183,10 +168,8 @@ def save_item_table(teacher, path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides, DEFAULTS)
-    summary = check_inputs(cfg)
-    if args.check:
-        print(f"ok: {summary}")
+    cfg = checked_config(args, DEFAULTS, check_inputs)
+    if cfg is None:  # --check
         return 0
     teacher_dir, out_dir = Path(cfg["teacher"]), Path(cfg["output_dir"])
 

@@ -12,7 +12,6 @@ with the item map and the run config, plus test metrics of the teacher and a pop
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -35,7 +34,13 @@ from recdistill.models.teacher import (
     save_teacher_files,
     train_flops,
 )
-from recdistill.trainer.config import ConfigError, load_config, save_config, start_run_dir
+from recdistill.trainer.config import (
+    ConfigError,
+    checked_config,
+    parse_job_args,
+    save_config,
+    start_run_dir,
+)
 from recdistill.trainer.data.batches import (
     global_batch_order,
     micro_batches,
@@ -67,33 +72,9 @@ from recdistill.trainer.throughput import peak_tflops, throughput_record
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    return parse_job_args(
+        __doc__, "teacher", "train.lr=3e-4 data.max_len=20", argv, resume=True, deepspeed=True
     )
-    parser.add_argument(
-        "--config",
-        required=True,
-        help="teacher config (YAML or JSON), e.g. configs/teacher_demo.yaml; keys: docs/teacher.md",
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the latest checkpoint in OUTPUT/checkpoints",
-    )
-    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    parser.add_argument(
-        "--check",
-        action="store_true",
-        help="only check the config and inputs (paths, vocabularies, output folder), then exit: "
-        "0 and one line when all is well, 2 and one error line otherwise",
-    )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        help="config overrides, e.g. train.lr=3e-4 data.max_len=20; every key and its default: "
-        "docs/teacher.md",
-    )
-    return parser.parse_args(argv)
 
 
 def check_inputs(cfg: dict, resume: bool) -> str:
@@ -366,10 +347,8 @@ def save_release(engine, cfg, config, splits, stats, state, test, test_split, lo
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides, DEFAULTS)
-    summary = check_inputs(cfg, args.resume)
-    if args.check:
-        print(f"ok: {summary}")
+    cfg = checked_config(args, DEFAULTS, lambda cfg: check_inputs(cfg, args.resume))
+    if cfg is None:  # --check
         return 0
     data_cfg, model_cfg, train_cfg = cfg["data"], cfg["model"], cfg["train"]
     output_dir = Path(train_cfg["output_dir"])
