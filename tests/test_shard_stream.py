@@ -6,9 +6,11 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 
 from recdistill.trainer.data.shard_stream import (
     TeacherShardStream,
+    batch_to_device,
     iter_batches,
     make_loader,
     pack_batch,
@@ -194,6 +196,9 @@ def test_to_batch_gathers_ragged_samples_hand_worked():
     for key in ("topk_ids", "topk_scores", "logsumexp", "target_logprob"):
         prefix[key] = ragged[key][:2]
     assert to_batch(prefix, "prefix")["target_positions"].tolist() == [2, 3]
+    # on the device every integer is int64, uint16 ids above 32767 included
+    wide = batch_to_device({"ids": torch.tensor([3, 40000, 65535], dtype=torch.uint16)}, "cpu")
+    assert wide["ids"].dtype == torch.int64 and wide["ids"].tolist() == [3, 40000, 65535]
     # what crosses from a loader worker: one buffer, unpacked into the same tensors
     unpacked = unpack_batch(pack_batch(batch))
     assert unpacked.keys() == batch.keys()

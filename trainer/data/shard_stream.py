@@ -232,8 +232,12 @@ def batch_to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.T
     """Copy to the device (asynchronously from pinned memory) and widen integers to int64 there."""
     moved = {}
     for name, tensor in batch.items():
+        if tensor.dtype == torch.uint16:
+            # uint16 has few kernels on some devices: travel as int16 bits, widen, unwrap the sign
+            moved[name] = tensor.view(torch.int16).to(device, non_blocking=True).long() & 0xFFFF
+            continue
         tensor = tensor.to(device, non_blocking=True)
-        widen = tensor.dtype in (torch.int32, torch.uint16, torch.int16, torch.uint8)
+        widen = tensor.dtype in (torch.int32, torch.int16, torch.uint8)
         moved[name] = tensor.long() if widen else tensor
     return moved
 
