@@ -117,7 +117,10 @@ def data_path(
 
     def stream_batches():
         """steps + 1 batches as trainer/distill.py draws them (one loader across epochs)."""
-        stream = TeacherShardStream(shard_dir, manifest, 0, 1, batch_size, workers, seed=0)
+        stream = TeacherShardStream(
+            shard_dir, manifest, 0, 1, batch_size, workers, seed=0,
+            cache_mb=cfg["shards"]["cache_mb"],
+        )  # fmt: skip
         if stream.steps_per_epoch() == 0:
             raise SystemExit(f"{shard_dir}: fewer samples than one batch of {batch_size}")
         loader = make_loader(stream, pin_memory=device.type == "cuda")

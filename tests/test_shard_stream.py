@@ -203,3 +203,25 @@ def test_to_batch_gathers_ragged_samples_hand_worked():
     unpacked = unpack_batch(pack_batch(batch))
     assert unpacked.keys() == batch.keys()
     assert all(unpacked[k].equal(batch[k]) and unpacked[k].dtype == batch[k].dtype for k in batch)
+
+
+def test_cached_shards_give_the_same_batches_without_reading_again(tmp_path):
+    manifest = write_shards(tmp_path / "s", [40, 40, 40, 40])
+    per_epoch = None
+    runs = {}
+    for cache_mb in (0, 100):
+        stream = TeacherShardStream(
+            tmp_path / "s", manifest, 0, 1, 16, 0, seed=3, cache_mb=cache_mb
+        )
+        per_epoch = stream.steps_per_epoch(0)
+        batches = iter_batches(make_loader(stream))
+        first = [next(batches)["item_ids"] for _ in range(per_epoch)]
+        if cache_mb:  # every shard is in memory now: a second epoch needs no file
+            for shard in manifest["shards"]:
+                (tmp_path / "s" / shard["file"]).rename(tmp_path / f"{shard['file']}.away")
+        second = [next(batches)["item_ids"] for _ in range(per_epoch)]
+        runs[cache_mb] = first + second
+        if cache_mb:
+            for shard in manifest["shards"]:
+                (tmp_path / f"{shard['file']}.away").rename(tmp_path / "s" / shard["file"])
+    assert per_epoch and all(a.equal(b) for a, b in zip(runs[0], runs[100]))

@@ -288,6 +288,7 @@ def build_stream(cfg: dict, shard_dir: Path, manifest: dict, rank: int, world: i
         shard_cfg["mode"],
         shard_cfg["shuffle_buffer"],
         shard_cfg["on_error"],
+        shard_cfg["cache_mb"],
     )
     micro_per_epoch = [stream.steps_per_epoch(epoch) for epoch in range(train_cfg["epochs"])]
     if min(micro_per_epoch) < train_cfg["grad_accum"]:

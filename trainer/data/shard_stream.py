@@ -258,6 +258,7 @@ class TeacherShardStream(IterableDataset):
         mode: str = "exact",
         shuffle_buffer: int = 1000,
         on_error: str = "raise",
+        cache_mb: float = 0,
     ):
         if mode not in ("exact", "resampled"):
             raise ValueError(f"shard mode {mode!r}: use exact or resampled")
@@ -277,6 +278,11 @@ class TeacherShardStream(IterableDataset):
         self.epoch, self.start_batch = 0, 0
         self.pack = False  # set by make_loader when batches cross from worker processes
         self._steps: dict[int, int] = {}
+        # Decoded shards kept for later epochs, up to cache_mb of shard bytes per worker (filled
+        # once, never evicted: epochs visit shards in random order, so any subset hits as often).
+        self.cache_bytes = int(cache_mb * 1e6)
+        self._cache: dict[str, ShardColumns] = {}
+        self._cached = 0
         if len(manifest["shards"]) < world:
             raise ShardError(
                 f"{self.shard_dir}: {len(manifest['shards'])} shards for {world} ranks; write smaller shards"
@@ -320,7 +326,10 @@ class TeacherShardStream(IterableDataset):
 
     # ---- reading -----------------------------------------------------------------------------
     def read_shard(self, shard: dict) -> ShardColumns:
-        """All samples of one shard, checked against the manifest's count."""
+        """All samples of one shard, checked against the manifest's count (from the cache after
+        the first read when it fits)."""
+        if shard["file"] in self._cache:
+            return self._cache[shard["file"]]
         path = self.shard_dir / shard["file"]
         blocks = read_blocks(path)
         columns = ShardColumns(blocks, shard["file"]) if blocks else None
@@ -329,6 +338,9 @@ class TeacherShardStream(IterableDataset):
             raise ShardError(
                 f"{path}: {found} samples, manifest says {shard['count']} (truncated?)"
             )
+        if self._cached + shard["bytes"] <= self.cache_bytes:
+            self._cache[shard["file"]] = columns
+            self._cached += shard["bytes"]
         return columns
 
     def _read_or_skip(self, shard: dict, skipped: list[str]) -> ShardColumns | None:
