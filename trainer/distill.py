@@ -428,7 +428,8 @@ def main(argv=None) -> int:
     shard_dir = Path(shard_cfg["dir"])
     manifest = load_manifest(shard_dir)
     splits, stats = load_sequences(data_cfg["dir"])
-    check_shards_match_data(shard_dir, manifest, stats, shard_cfg["verify_checksums"])
+    if shard_cfg["verify_checksums"]:  # sizes and vocabulary were checked by check_inputs
+        check_shards_match_data(shard_dir, manifest, stats, verify_checksums=True)
     max_len, exclude_history = data_cfg["max_len"], train_cfg["eval_exclude_history"]
     valid_split = eval_split(splits, "valid", max_len, exclude_history)
     test_split = eval_split(splits, "test", max_len, exclude_history)

@@ -276,7 +276,6 @@ class TeacherShardStream(IterableDataset):
         )
         self.sample_mode = manifest["mode"]
         self.epoch, self.start_batch = 0, 0
-        self.pack = False  # set by make_loader when batches cross from worker processes
         self._steps: dict[int, int] = {}
         # Decoded shards kept for later epochs, up to cache_mb of shard bytes per worker (filled
         # once, never evicted: epochs visit shards in random order, so any subset hits as often).
@@ -405,7 +404,7 @@ class TeacherShardStream(IterableDataset):
                 for columns, indices in picks.values():
                     yield columns, np.asarray(indices)
 
-    def _batches(self, runs, limit: int | None, skipped: list[str]):
+    def _batches(self, runs, limit: int | None, skipped: list[str], pack: bool):
         """Batches of `batch_size` samples from (columns, indices) runs; markers for skips."""
         parts, have, made = [], 0, 0
         for columns, indices in runs:
@@ -421,7 +420,7 @@ class TeacherShardStream(IterableDataset):
                 have += len(chunk)
                 if have == self.batch_size:
                     batch = to_batch(concat_ragged(parts), self.sample_mode)
-                    yield pack_batch(batch) if self.pack else batch
+                    yield pack_batch(batch) if pack else batch
                     parts, have, made = [], 0, made + 1
                     if limit is not None and made >= limit:
                         return
@@ -435,9 +434,10 @@ class TeacherShardStream(IterableDataset):
                 f"stream built for {self.workers} workers, DataLoader has {info.num_workers}"
             )
         loader_worker = info.id if info is not None else 0
+        pack = info is not None  # batches cross from a worker process: one shared-memory buffer
         skipped: list[str] = []
         if self.mode == "resampled":
-            yield from self._batches(self._resampled_runs(skipped), None, skipped)
+            yield from self._batches(self._resampled_runs(skipped), None, skipped, pack)
             return
         # The DataLoader always starts its round-robin at worker 0; batch `start_batch` belongs to
         # logical worker start_batch % W, so loader worker i plays logical worker i + start_batch
@@ -446,7 +446,7 @@ class TeacherShardStream(IterableDataset):
         worker = (loader_worker + start_batch) % self.workers
         for epoch in itertools.count(start_epoch):
             skip = self._skipped_batches(worker, start_batch) if epoch == start_epoch else 0
-            full = batches_per_worker(self._plan(epoch), self.batch_size)
+            full = self.steps_per_epoch(epoch) // self.workers
             if full == 0:
                 raise ShardError(
                     f"{self.shard_dir}: epoch {epoch} leaves a worker without one full batch of "
@@ -456,7 +456,7 @@ class TeacherShardStream(IterableDataset):
             if limit <= 0:
                 continue
             runs = self._exact_epoch(epoch, worker, skip * self.batch_size, skipped)
-            yield from self._batches(runs, limit, skipped)
+            yield from self._batches(runs, limit, skipped, pack)
 
 
 def make_loader(
@@ -465,7 +465,6 @@ def make_loader(
     # batch_size=None: batches are made inside the workers, one worker per batch, in strict
     # round-robin order, which is what makes an exact-mode position one number.
     workers = stream.processes
-    stream.pack = workers > 0
     return DataLoader(
         stream,
         batch_size=None,
