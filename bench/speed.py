@@ -99,7 +99,7 @@ def data_path(
     repeats: int = 3,
 ) -> dict:
     """samples/s of the same training steps, batches streamed from shards vs held in memory."""
-    cfg = load_config(work / f"configs/{student}_both_s0.yaml", [], DISTILL)
+    cfg = load_config(both_config(work, student), [], DISTILL)
     workers = cfg["shards"]["workers"] if workers is None else workers
     shard_dir = work / "shards"
     manifest = load_manifest(shard_dir)
@@ -169,10 +169,17 @@ def data_path(
     }
 
 
+def both_config(work: Path, student: str) -> Path:
+    """The config of the student's seed-0 `both` run: the candidate bench/quality.py chose on
+    validation when the scale tunes it (tuning.json), else the one run."""
+    tuning = work / "tuning.json"
+    chosen = json.loads(tuning.read_text()).get(f"{student}/both", {}) if tuning.is_file() else {}
+    tag = f"_t{chosen['chosen']}" if chosen else ""
+    return work / f"configs/{student}_both{tag}_s0.yaml"
+
+
 def students_in(work: Path) -> list[str]:
-    return sorted(
-        p.name.removesuffix("_both_s0.yaml") for p in (work / "configs").glob("*_both_s0.yaml")
-    )
+    return sorted({p.name.split("_both_")[0] for p in (work / "configs").glob("*_both_*s0.yaml")})
 
 
 def teacher_training(work: Path) -> dict:

@@ -20,9 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from tqdm import tqdm
 
+from recdistill.launcher import tuning
 from recdistill.launcher.local import accelerate_command, deepspeed_command, run_job
+from recdistill.trainer.config import load_config
+from recdistill.trainer.defaults import DISTILL
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -186,60 +190,144 @@ def precompute_stage(out: Path, report: dict) -> None:
     }
 
 
-# The demo's distillation variants: overrides of configs/distill_demo.yaml. The collaborative
-# embedding weight is 0.1 here, not DLLM2Rec's 0.3: 0.3 made the demo student worse (README).
+# The distillation variants: overrides of configs/distill_demo.yaml (the benchmark's too).
 DISTILL_VARIANTS = {
     "student_plain": [],
-    "student_dllm2rec": [
-        "loss.ranking.enabled=true",
-        "loss.embedding.enabled=true",
-        "loss.embedding.weight=0.1",
-    ],
+    # The papers' terms at their official code's settings (models/distillation.py LOSS_DEFAULTS);
+    # SLMRec's multiple supervision at the code's cls_multiple_lambda when it is switched on.
+    "student_dllm2rec": ["loss.ranking.enabled=true", "loss.embedding.enabled=true"],
     "student_slmrec": [
         "loss.alignment.enabled=true",
-        "loss.alignment.multi_supervision_weight=0.1",
+        "loss.alignment.multi_supervision_weight=1.0",
     ],
     "student_both": [
         "loss.ranking.enabled=true",
         "loss.embedding.enabled=true",
-        "loss.embedding.weight=0.1",
         "loss.alignment.enabled=true",
-        "loss.alignment.multi_supervision_weight=0.1",
+        "loss.alignment.multi_supervision_weight=1.0",
     ],
     "student_logit_kl": [
         "loss.logits.enabled=true",
         "loss.logits.temperature=1.0",
         "loss.logits.weight=2.0",
     ],
+    "student_dllm2rec_kl": [
+        "loss.ranking.enabled=true",
+        "loss.embedding.enabled=true",
+        "loss.logits.enabled=true",
+        "loss.logits.temperature=1.0",
+        "loss.logits.weight=2.0",
+    ],
+    # DLLM2Rec's own setting (its main.py): BCE with one negative plus DROS, with and without its
+    # two terms; the benchmark's paper rows, not run by the demo.
+    "student_paper_plain": ["loss.next_item=bce", "loss.dros.enabled=true"],
+    "student_paper_dllm2rec": [
+        "loss.next_item=bce",
+        "loss.dros.enabled=true",
+        "loss.ranking.enabled=true",
+        "loss.embedding.enabled=true",
+    ],
 }
+# The students the demo trains; the loss weights of each come from its tuning file.
+DEMO_STUDENTS = [
+    "student_plain",
+    "student_dllm2rec",
+    "student_slmrec",
+    "student_both",
+    "student_logit_kl",
+]
+# The weights chosen on the demo's validation split by `--tune` (configs/tuning/grid.yaml's grid); a
+# `--tune` run writes OUT/tuning.yaml, which then wins over this copy of one such run.
+DEMO_TUNING = CONFIGS / "tuning" / "demo.yaml"
+
+
+def distill_run(out: Path, stage: str, run_dir: Path, overrides: list[str]) -> float | None:
+    """One distillation job of the demo (2 CPU processes); None when a finished one with the same
+    loss settings is there (a run with other settings, e.g. before --tune, is trained again)."""
+    if (run_dir / "final/metrics.json").is_file():
+        if same_losses(run_dir, overrides):
+            skipped(stage, run_dir, "distill")
+            return None
+        say(f"{stage}: {run_dir} was trained with other loss settings; training it again")
+        shutil.rmtree(run_dir)
+    resume = ["--resume"] if (run_dir / "checkpoints").is_dir() else []
+    args = [
+        "--config",
+        str(CONFIGS / "distill_demo.yaml"),
+        *resume,
+        f"data.dir={out / 'data'}",
+        f"shards.dir={out / 'shards'}",
+        f"train.output_dir={run_dir}",
+        *overrides,
+    ]
+    check_inputs(stage, "trainer/distill.py", args)
+    return run_stage(
+        out,
+        stage,
+        accelerate_command("trainer/distill.py", 2, args),
+        env={"ACCELERATE_USE_CPU": "true"},
+    )
+
+
+def same_losses(run_dir: Path, overrides: list[str]) -> bool:
+    """Whether a finished run's loss section is the one these overrides make."""
+    wanted = load_config(CONFIGS / "distill_demo.yaml", overrides, DISTILL)["loss"]
+    return load_config(run_dir / "run_config.yaml", [], DISTILL)["loss"] == wanted
+
+
+def tune_stage(out: Path, report: dict) -> None:
+    """--tune: every candidate of configs/tuning/grid.yaml's grid trains once; the best validation
+    NDCG@10 per student is written to OUT/tuning.yaml (test is never read)."""
+    grid = tuning.load_grid()
+    chosen = {}
+    for name in DEMO_STUDENTS:
+        variant = name.removeprefix("student_")
+        candidates = tuning.candidates(grid, variant)
+        valid = []
+        for i, overrides in enumerate(candidates):
+            run_dir = out / "tune" / f"{variant}_t{i}"
+            distill_run(out, f"tune {name} {i + 1} of {len(candidates)}", run_dir, [
+                *DISTILL_VARIANTS[name], *overrides
+            ])  # fmt: skip
+            metrics = json.loads((run_dir / "final/metrics.json").read_text())
+            valid.append(metrics["best_valid_ndcg@10"])
+        if candidates:
+            chosen[name] = tuning.record(candidates, valid)
+    (out / "tuning.yaml").write_text(yaml.safe_dump({"chosen": chosen}, sort_keys=False))
+    say(f"tune: chosen on validation -> {out / 'tuning.yaml'} (the distill stage uses it)")
+
+
+def chosen_choice(out: Path, name: str) -> dict | None:
+    """A student's tuning record: OUT/tuning.yaml (a --tune run), else the demo's own."""
+    source = out / "tuning.yaml" if (out / "tuning.yaml").is_file() else DEMO_TUNING
+    return yaml.safe_load(source.read_text())["chosen"].get(name)
+
+
+def chosen_overrides(out: Path, name: str) -> list[str]:
+    """The tuned loss weights of a student ([] for one without a grid)."""
+    choice = chosen_choice(out, name)
+    return choice["candidates"][choice["chosen"]]["overrides"] if choice else []
+
+
+def reuse_tuned_run(out: Path, name: str, run_dir: Path, overrides: list[str]) -> None:
+    """After --tune the chosen candidate's run is the student: copied, not trained again."""
+    choice = chosen_choice(out, name) if (out / "tuning.yaml").is_file() else None
+    if choice is None or run_dir.exists():
+        return
+    tuned = out / "tune" / f"{name.removeprefix('student_')}_t{choice['chosen']}"
+    if (tuned / "final/metrics.json").is_file() and same_losses(tuned, overrides):
+        shutil.copytree(tuned, run_dir)
 
 
 def distill_stage(out: Path, report: dict) -> None:
     figures = {}
-    for name, overrides in DISTILL_VARIANTS.items():
+    for name in DEMO_STUDENTS:
         run_dir = out / "student" / name.removeprefix("student_")
-        stage = f"distill {name}"
-        if (run_dir / "final/metrics.json").is_file():
-            skipped(stage, run_dir, "distill")
+        overrides = [*DISTILL_VARIANTS[name], *chosen_overrides(out, name)]
+        reuse_tuned_run(out, name, run_dir, overrides)
+        seconds = distill_run(out, f"distill {name}", run_dir, overrides)
+        if seconds is None:
             seconds = PREVIOUS.get("student_seconds", {}).get(name)
-        else:
-            resume = ["--resume"] if (run_dir / "checkpoints").is_dir() else []
-            args = [
-                "--config",
-                str(CONFIGS / "distill_demo.yaml"),
-                *resume,
-                f"data.dir={out / 'data'}",
-                f"shards.dir={out / 'shards'}",
-                f"train.output_dir={run_dir}",
-                *overrides,
-            ]
-            check_inputs(stage, "trainer/distill.py", args)
-            seconds = run_stage(
-                out,
-                stage,
-                accelerate_command("trainer/distill.py", 2, args),
-                env={"ACCELERATE_USE_CPU": "true"},
-            )
         metrics = json.loads((run_dir / "final/metrics.json").read_text())
         report["metrics"][name] = {k: metrics["student"][k] for k in ("hr@10", "ndcg@10", "mrr")}
         figures[name] = {"steps": metrics["steps"], "seconds": seconds}
@@ -325,6 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fresh", action="store_true", help="delete --out first and rerun every stage"
     )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="choose the students' loss weights on validation first (configs/tuning/grid.yaml's grid, "
+        "one job per candidate, about 10 min more); without it the demo uses "
+        "configs/tuning/demo.yaml, a copy of one such choice",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
@@ -334,8 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         PREVIOUS.update(json.loads((out / "report.json").read_text()))
     report: dict = {"stages": {}, "metrics": {}}
     global PROGRESS
-    PROGRESS = tqdm(total=STEPS, unit="stage", desc="demo", leave=False)
-    for stage in STAGES:
+    stages = STAGES if not args.tune else [*STAGES[:3], tune_stage, *STAGES[3:]]
+    grid = tuning.load_grid()
+    tune_jobs = sum(len(tuning.candidates(grid, n.removeprefix("student_"))) for n in DEMO_STUDENTS)
+    PROGRESS = tqdm(total=STEPS + tune_jobs * args.tune, unit="stage", desc="demo", leave=False)
+    for stage in stages:
         stage(out, report)
         write_report(out, report)
     PROGRESS.close()

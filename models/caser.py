@@ -1,8 +1,14 @@
-"""Caser (Tang & Wang 2018) as in DLLM2Rec's code: convolutions over the last `window` items.
+"""Caser (Tang & Wang 2018) after DLLM2Rec's students: convolutions over the last `window` items.
 
-Horizontal filters of heights 2, 3, 4 (16 each, max-pooled over time) and vertical filters over
-the window, then a linear layer to the embedding size. Every position t gets the window of
-items ending at t (left-padded), so Caser also trains on all positions at once.
+What follows DLLM2Rec's code: horizontal filters of heights 2, 3, 4 (16 each, ReLU, max-pooled
+over time), one vertical filter over the window, padding positions masked to zero, dropout.
+Where this differs, and why:
+- every position t gets its own window of the items ending at t (left-padded), so Caser trains
+  on all positions of a sequence at once (the code: one window per sample, the last items);
+- the features go through a linear layer to the embedding size and a ReLU, and the user
+  representation is scored by dot product with the item table (tied; the code: an untied
+  `s_fc` output layer over the catalogue, and a ReLU on the vertical filter instead);
+- the item table starts N(0, d^-0.5) with its padding row zero (the code: N(0, 0.01)).
 
 The filters are `nn.Conv2d` weights (the reference's parameters and files), but the forward pass
 does not run a convolution per window: neighbouring windows overlap in all but one item, so each
@@ -54,6 +60,8 @@ class Caser(nn.Module):
         )
         self.out = nn.Linear(features, d)
         nn.init.normal_(self.item_embeddings.weight, std=d**-0.5)
+        with torch.no_grad():
+            self.item_embeddings.weight[0].zero_()  # normal_ overwrote the padding row
 
     def item_table(self) -> torch.Tensor:
         return self.item_embeddings.weight
@@ -63,7 +71,9 @@ class Caser(nn.Module):
     ) -> StudentOutput:
         window = self.config.window
         padded = F.pad(item_ids, (window - 1, 0))  # left padding: the window ending at each t
-        x = embed(padded, self.item_embeddings, item_table)  # [B, L + W - 1, d]
+        # Padding positions (left of short windows, right of the sequence) are zero, as the
+        # code's mask: a table whose row 0 has been trained or fused must not leak into them.
+        x = embed(padded, self.item_embeddings, item_table) * (padded > 0)[..., None]
         pooled = [self._horizontal_max(conv, x) for conv in self.horizontal]
         vertical_weight = self.vertical.weight.view(-1, window)  # [filters, W]
         vertical = torch.einsum("bldw,fw->blfd", x.unfold(1, window, 1), vertical_weight)

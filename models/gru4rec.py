@@ -1,6 +1,10 @@
-"""GRU4Rec (Hidasi et al. 2016) as in DLLM2Rec's code: item embeddings -> dropout -> GRU.
+"""GRU4Rec (Hidasi et al. 2016) after DLLM2Rec's students: item embeddings -> GRU.
 
-The GRU's output at position t is the user representation after items[: t + 1].
+The GRU's output at position t is the user representation after items[: t + 1]. Where this
+differs from DLLM2Rec's code, and why: dropout on the input embeddings (the code has none; the
+small logs here overfit without it), every position trains at once (the code: one target per
+sample, the GRU's last state), and scores are dot products with the item table (tied; the code:
+an untied `s_fc` output layer); the table starts N(0, d^-0.5) with a zero padding row.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class GRU4Rec(nn.Module):
             config.hidden_size, config.hidden_size, num_layers=config.num_layers, batch_first=True
         )
         nn.init.normal_(self.item_embeddings.weight, std=config.hidden_size**-0.5)
+        with torch.no_grad():
+            self.item_embeddings.weight[0].zero_()  # normal_ overwrote the padding row
 
     def item_table(self) -> torch.Tensor:
         return self.item_embeddings.weight

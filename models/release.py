@@ -88,7 +88,8 @@ def load_distilled(directory: str | Path) -> DistillationObjective:
     inference_cfg = {
         **LOSS_DEFAULTS,
         "chunk_size": loss_cfg.get("chunk_size", 8192),
-        "embedding": loss_cfg.get("embedding", LOSS_DEFAULTS["embedding"]),
+        # Releases written before `fuse` existed scored with the fused table.
+        "embedding": {"fuse": "input_and_scoring", **loss_cfg.get("embedding", {"enabled": False})},
     }
     teacher_table = None
     if inference_cfg["embedding"]["enabled"]:

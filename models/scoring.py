@@ -127,7 +127,19 @@ class CatalogueStats:
     topk_ids: torch.Tensor  # [M, K] int64 item ids 1..N
     logsumexp: torch.Tensor  # [M, len(temperatures)] logsumexp(scores / T) over the catalogue
     target_scores: torch.Tensor | None  # [M]
-    target_ranks: torch.Tensor | None  # [M] items scoring strictly higher than the target
+    # [M] float: items scoring higher than the target, plus half of those tying with it (the
+    # expected rank under a random tie-break: an all-equal model ranks a target mid-catalogue)
+    target_ranks: torch.Tensor | None
+
+
+def tie_aware_count(scores: torch.Tensor, target_scores: torch.Tensor) -> torch.Tensor:
+    """Per row: #scores above the target's + half #scores equal to it, float64 [M].
+
+    Counting only strictly higher scores ranks ties optimistically: a model whose scores are all
+    equal would put every target first (HR@1 = 1) and early stopping could pick it."""
+    above = (scores > target_scores[:, None]).sum(1, dtype=torch.float64)
+    ties = (scores == target_scores[:, None]).sum(1, dtype=torch.float64)
+    return above + 0.5 * ties
 
 
 @torch.no_grad()
@@ -169,7 +181,7 @@ def catalogue_stats(
     target_scores = ranks = None
     if targets is not None:
         target_scores = (user_reps.to(dtype) * item_table[targets].to(dtype)).sum(-1)
-        ranks = torch.zeros(m, dtype=torch.long, device=device) if rank_targets else None
+        ranks = torch.zeros(m, dtype=torch.float64, device=device) if rank_targets else None
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
         scores = _chunk_scores(user_reps, item_table, start, end)
@@ -180,12 +192,13 @@ def catalogue_stats(
             rows, cols = inside.nonzero(as_tuple=True)
             masked[rows, exclude[rows, cols] - start] = float("-inf")
         if ranks is not None:
-            ranks += (masked > target_scores[:, None]).sum(1)
+            ranks += tie_aware_count(masked, target_scores)
             # The target's own column is computed by a matmul, `target_scores` elementwise: they
-            # may differ in the last bit, and the target must never outrank itself.
+            # may differ in the last bit, and the target must never outrank (or tie) itself.
             inside = (targets >= start) & (targets < end)
             rows = inside.nonzero(as_tuple=True)[0]
-            ranks[rows] -= (masked[rows, targets[rows] - start] > target_scores[rows]).long()
+            own = masked[rows, targets[rows] - start][:, None]
+            ranks[rows] -= tie_aware_count(own, target_scores[rows])
         if k:
             take = min(k, end - start)
             chunk_top, chunk_idx = masked.topk(take, dim=1)

@@ -55,6 +55,10 @@ class TeacherConfig:
     input_dropout: float = 0.0
     # user_out_proj starts as the transpose of item_in_proj (orthonormal): see _tie_projections.
     tied_projection_init: bool = False
+    # > 0: a fixed item feature table [N+1, F] (e.g. text-encoder embeddings of titles) is
+    # projected to item_dim and added to the item table the model reads and scores with: the
+    # pretrained knowledge an LLM teacher brings that an ID-only student lacks.
+    item_feature_dim: int = 0
     mode: str = "sequence"  # "sequence" | "prefix"
     prompt_prefix_ids: list[int] = field(default_factory=list)  # prefix mode: instruction tokens
     prompt_suffix_ids: list[int] = field(
@@ -190,7 +194,12 @@ def gathered_for_init(params: list[nn.Parameter]):
 
 
 class LLMRecTeacher(nn.Module):
-    def __init__(self, config: TeacherConfig, load_backbone_weights: bool = True):
+    def __init__(
+        self,
+        config: TeacherConfig,
+        load_backbone_weights: bool = True,
+        item_features: torch.Tensor | None = None,  # [N+1, item_feature_dim]; saved with the model
+    ):
         super().__init__()
         self.config = config
         self.backbone = build_backbone(config, load_backbone_weights)
@@ -205,6 +214,14 @@ class LLMRecTeacher(nn.Module):
             config.num_items + 1, config.item_dim, padding_idx=0, _weight=table
         )
         self.item_embeddings.weight.requires_grad_(not config.freeze_item_embeddings)
+        if config.item_feature_dim:
+            shape = (config.num_items + 1, config.item_feature_dim)
+            features = torch.zeros(shape) if item_features is None else item_features.float()
+            if tuple(features.shape) != shape:
+                raise ValueError(f"item features of shape {tuple(features.shape)}, need {shape}")
+            features[0] = 0.0  # padding
+            self.register_buffer("item_features", features, persistent=True)
+            self.item_feature_proj = nn.Linear(config.item_feature_dim, config.item_dim, bias=False)
         self.item_in_proj = nn.Linear(config.item_dim, config.hidden_size)
         self.user_out_proj = nn.Linear(config.hidden_size, config.item_dim)
         self.input_dropout = nn.Dropout(config.input_dropout)
@@ -248,6 +265,8 @@ class LLMRecTeacher(nn.Module):
         self, item_ids: torch.Tensor, lengths: torch.Tensor, item_table: torch.Tensor | None = None
     ):
         """inputs_embeds [B, T, H], attention mask [B, T], index of each item position [L]."""
+        if item_table is None and self.config.item_feature_dim:
+            item_table = self.item_table()
         item_embeds = self.input_dropout(
             self.item_in_proj(embed(item_ids, self.item_embeddings, item_table))
         )  # [B, L, H]
@@ -284,7 +303,14 @@ class LLMRecTeacher(nn.Module):
         return len(self.config.prompt_prefix_ids) + lengths + len(self.config.prompt_suffix_ids) - 1
 
     def item_table(self) -> torch.Tensor:
-        return self.item_embeddings.weight
+        """[N+1, d_item]: the ID table, plus the projected item features when there are any
+        (the padding row's features are zero and the projection has no bias: row 0 stays 0)."""
+        if not self.config.item_feature_dim:
+            return self.item_embeddings.weight
+        # The buffer stays where it was built: DeepSpeed's ZeRO-3 moves parameters to the device,
+        # not a buffer registered under zero.Init (a GPU teacher failed on this, the CPU never).
+        features = self.item_features.to(self.item_feature_proj.weight.device)
+        return self.item_embeddings.weight + self.item_feature_proj(features)
 
     def last_reps(self, user_reps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """[B, d_item]: the representation after each user's whole input (from forward's user_reps)."""

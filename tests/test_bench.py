@@ -10,7 +10,9 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from .conftest import ROOT
 
@@ -26,6 +28,7 @@ def _load(name: str):
 quality = _load("quality")
 speed = _load("speed")
 headline = _load("headline")
+teacher_ablation = _load("teacher_ablation")
 
 
 def test_sample_users_keeps_whole_users(tmp_path):
@@ -47,6 +50,7 @@ def test_summary_and_table():
     assert summary["mean"] == pytest.approx(0.2) and summary["std"] == pytest.approx(0.1)
     row = {m: quality.summarize([value]) for m, value in zip(quality.METRICS, (0.2, 0.1, 0.05))}
     better = {m: quality.summarize([value]) for m, value in zip(quality.METRICS, (0.3, 0.12, 0.06))}
+    teacher = {m: quality.summarize([value]) for m, value in zip(quality.METRICS, (0.4, 0.2, 0.1))}
     report = {
         "scale": "t",
         "command": "python bench/quality.py",
@@ -58,14 +62,96 @@ def test_summary_and_table():
         "datasets": {
             "d": {
                 "data": {"users": 10, "items": 5, "interactions": 50},
-                "rows": {"sasrec/plain": row, "sasrec/both": better},
+                "rows": {"teacher": teacher, "sasrec/plain": row, "sasrec/both": better},
             }
         },
     }
     table = quality.markdown(report)
-    assert "| sasrec/both | 0.3000 ± 0.0000 | 0.1200 ± 0.0000 | 0.0600 ± 0.0000 | +20.0% |" in table
+    # the teacher leads by 0.1 NDCG@10 and both gains 0.02 of it
+    assert (
+        "| sasrec/both | 0.3000 ± 0.0000 | 0.1200 ± 0.0000 | 0.0600 ± 0.0000 | +20.0% | 20% ± 0% |"
+        in table
+    )
+    assert "Teacher's lead over sasrec/plain: +100.0% NDCG@10 (0.2000 ± 0.0000 vs 0.1000" in table
     assert "over the items each user has not interacted with" in table
     assert "Published sasrec/plain (paper): NDCG@10 0.2000 (here 0.1000, -50.0%)." in table
+
+
+def test_gap_closure_per_seed_and_paper_rows_against_their_own_plain():
+    plain = quality.summarize([0.10, 0.12])
+    distilled = quality.summarize([0.13, 0.13])
+    teacher = quality.summarize([0.16, 0.18])  # leads the plain mean 0.11 by 0.06
+    gap = quality.gap_closure(distilled, plain, teacher)
+    assert gap["values"] == pytest.approx([0.5, 1 / 6])
+    assert quality.gap_closure(distilled, plain, quality.summarize([0.1, 0.1])) is None
+    assert quality.baseline_variant("paper_dllm2rec") == "paper_plain"
+    assert quality.baseline_variant("both") == "plain"
+
+
+def test_tuning_picks_the_best_validation_candidate_and_every_seed_uses_it(tmp_path, monkeypatch):
+    """The `tune` grid: each candidate trains at the first seed, the best validation NDCG@10 is
+    chosen (test metrics are never read: they are made worse here for the chosen one), and the
+    other seeds run only the chosen setting."""
+    from tqdm import tqdm
+
+    scale = {
+        "student_jobs": 1,
+        "tune": {"dllm2rec": {"loss.ranking.weight": [0.8, 0.2], "loss.reliability": ["none"]}},
+    }
+    assert quality.tune_candidates(scale, "dllm2rec") == [
+        ["loss.ranking.weight=0.8", 'loss.reliability="none"'],
+        ["loss.ranking.weight=0.2", 'loss.reliability="none"'],
+    ]
+    assert quality.tune_candidates(scale, "plain") == []
+    trained = []
+
+    def fake_train_student(scale, name, spec, paths, student, variant, seed, work, candidate):
+        run = work / name / "students" / quality.student_run_name(student, variant, seed, candidate)
+        if (run / "final").is_dir():
+            return  # as the real one: a finished run is reused
+        trained.append((variant, seed, candidate))
+        (run / "final").mkdir(parents=True)
+        valid = {None: 0.1, 0: 0.2, 1: 0.3}[candidate]
+        metrics = {"best_valid_ndcg@10": valid, "student": {"ndcg@10": 1 - valid}}
+        (run / "final/metrics.json").write_text(json.dumps(metrics))
+
+    monkeypatch.setattr(quality, "train_student", fake_train_student)
+    runs = [("sasrec", v, seed) for v in ("plain", "dllm2rec") for seed in (0, 1)]
+    with tqdm(disable=True) as progress:
+        quality.train_students(scale, "toy", {}, {}, runs, tmp_path, progress)
+    assert trained == [
+        ("dllm2rec", 0, 0), ("dllm2rec", 0, 1),  # the candidates at the first seed
+        ("plain", 0, None), ("plain", 1, None), ("dllm2rec", 1, 1),  # seed 0's run is reused
+    ]  # fmt: skip
+    choice = json.loads((tmp_path / "toy/tuning.json").read_text())["sasrec/dllm2rec"]
+    assert choice["chosen"] == 1 and choice["candidates"][1]["valid_ndcg@10"] == 0.3
+
+
+def test_teacher_ablation_report_marks_the_validation_choice_and_failed_rows():
+    rows = [
+        {"name": "features", "features": True},
+        {"name": "table frozen", "features": True, "item_table": True,
+         "overrides": ["model.freeze_item_embeddings=true"]},
+        {"name": "wide", "overrides": ["model.backbone.hidden_size=256"]},
+    ]  # fmt: skip
+    done = {
+        "features": {0: {"valid_ndcg@10": 0.12, "test": {"ndcg@10": 0.10}}},
+        "table frozen": {0: {"valid_ndcg@10": 0.13, "test": {"ndcg@10": 0.11}}},
+        "wide": {0: {"error": "bench: job failed (exit 1); log: wide_s0.log"}},
+    }
+    report = {
+        "scale": "t", "command": "python bench/teacher_ablation.py", "minutes": 1.0,
+        "seeds": [0], "rows": rows,
+        "datasets": {"d": {"rows": done, "sasrec": {0: {"ndcg@10": 0.10}}}},
+    }  # fmt: skip
+    table = teacher_ablation.markdown(report)
+    assert (
+        "| table frozen | `model.freeze_item_embeddings=true`, item features, SASRec item table "
+        "| 1 | 0.1300 | 0.1100 | +10.0% |" in table
+    )
+    assert "| wide | `model.backbone.hidden_size=256` | failed: bench: job failed" in table
+    assert "Best on validation: table frozen." in table
+    assert teacher_ablation.slug("table frozen lr 5e-4") == "table_frozen_lr_5e_4"
 
 
 def _markov_log(path, users: int, items: int, seed: int = 0) -> None:
@@ -91,7 +177,14 @@ def test_quality_and_speed_end_to_end(tmp_path):
     scale["seeds"] = [0]
     scale["exclude_seen"] = True  # whole histories prepared and ranked out by every job
     scale["job_timeout_s"] = 600  # a hung job fails the test by name instead of hanging CI
-    scale["datasets"] = {"toy": {"path": "toy/log.txt", "format": "lines", "max_len": 10}}
+    # the teacher's item features from attributes (every item one of 5 categories)
+    attributes = {str(item): [item % 5] for item in range(1, 61)}
+    (data_root / "toy/attrs.json").write_text(json.dumps(attributes))
+    features = {"attributes": "toy/attrs.json"}
+    scale["datasets"] = {
+        "toy": {"path": "toy/log.txt", "format": "lines", "max_len": 10, "item_features": features}
+    }
+    scale["tune"] = {}  # the tuning procedure has its own test
     scale["teacher"]["overrides"] += ["train.epochs=2", "train.eval_every=6"]
     scale["precompute"]["overrides"] = ["topk=10", "hidden_layers=[2,4]", "shard_size=50"]
     scale["distill"]["overrides"] += ["train.epochs=2", "train.eval_every=3"]
@@ -112,6 +205,15 @@ def test_quality_and_speed_end_to_end(tmp_path):
     }
     for values in rows.values():
         assert all(0.0 <= values[m]["mean"] <= 1.0 for m in quality.METRICS)
+    teacher_config = yaml.safe_load((work / "toy/teacher_s0/run_config.yaml").read_text())
+    assert teacher_config["model"]["item_features"] == str(work / "toy/item_features.safetensors")
+    released = load_file(str(work / "toy/teacher_s0/final/model.safetensors"))
+    assert released["item_features"].shape[1] == 5  # the features travel with the teacher
+    # E4SRec: the teacher read the ID table of a plain SASRec trained first, and kept it frozen
+    sasrec_release = work / "toy/item_table/sasrec_plain_s0/final"
+    assert teacher_config["model"]["item_embeddings"] == str(sasrec_release)
+    sasrec_table = load_file(str(sasrec_release / "model.safetensors"))["item_embeddings.weight"]
+    assert torch.equal(released["item_embeddings.weight"], sasrec_table)
     # Whole histories were prepared (longer than the 10-item window) and ranked out, popularity too.
     from recdistill.trainer.data.pipeline import load_sequences
     from recdistill.trainer.evaluation import eval_split, popularity_metrics
@@ -198,7 +300,7 @@ def test_quality_and_speed_end_to_end(tmp_path):
     )
 
 
-@pytest.mark.parametrize("scale_name", ["cpu", "gpu", "gpu_short", "reference"])
+@pytest.mark.parametrize("scale_name", ["cpu", "cpu_sasrec", "gpu", "gpu_short", "reference"])
 def test_scale_files_make_valid_job_configs(scale_name, tmp_path):
     """Every job config a scale file produces loads under the job's strict defaults (unknown
     keys are errors), and the student options build each student: the GPU scale, which cannot
@@ -362,7 +464,7 @@ def test_student_jobs_side_by_side_stop_at_a_failure(tmp_path, monkeypatch):
     started, running, most_at_once = [], [0], [0]
     lock = threading.Lock()
 
-    def fake_train_student(scale, name, spec, paths, student, variant, seed, work):
+    def fake_train_student(scale, name, spec, paths, student, variant, seed, work, candidate):
         with lock:
             started.append((student, variant, seed))
             running[0] += 1

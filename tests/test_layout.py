@@ -10,6 +10,7 @@ from .conftest import ROOT
 
 JOB_NAMES = [
     "prepare_data",
+    "item_features",
     "teacher",
     "precompute",
     "check_shards",

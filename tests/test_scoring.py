@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from recdistill.models.scoring import catalogue_cross_entropy, catalogue_stats
-from recdistill.trainer.evaluation import eval_split, popularity_metrics, ranking_sums
+from recdistill.trainer.evaluation import (
+    eval_split,
+    popularity_metrics,
+    ranking_sums,
+    sampled_metrics,
+)
 from recdistill.trainer.metrics import finalize, metric_sums
 
 
@@ -60,7 +65,7 @@ def test_chunked_topk_logsumexp_and_ranks(chunk_size):
     torch.testing.assert_close(stats.logsumexp[:, 0], torch.logsumexp(scores, 1))
     torch.testing.assert_close(stats.logsumexp[:, 1], torch.logsumexp(scores / 2.0, 1))
     target_scores = scores.gather(1, targets[:, None])
-    assert torch.equal(stats.target_ranks, (scores > target_scores).sum(1))
+    assert torch.equal(stats.target_ranks, (scores > target_scores).sum(1).double())
 
 
 def test_exclude_masks_history_from_topk_and_rank():
@@ -70,6 +75,33 @@ def test_exclude_masks_history_from_topk_and_rank():
         reps, table, k=2, targets=torch.tensor([3]), exclude=torch.tensor([[1, 0]]), chunk_size=2
     )
     assert stats.topk_ids.tolist() == [[2, 3]] and stats.target_ranks.tolist() == [1]
+
+
+def test_ties_count_half_so_an_all_equal_model_ranks_targets_mid_catalogue():
+    # A zero user vector scores all 8 items 0: each target ties with the 7 others -> rank 3.5,
+    # in every chunking; counting only strictly higher scores would give rank 0 (HR@1 = 1).
+    table = torch.randn(9, 4)
+    for chunk_size in (2, 3, 100):
+        stats = catalogue_stats(
+            torch.zeros(2, 4), table, targets=torch.tensor([1, 8]), chunk_size=chunk_size
+        )
+        assert stats.target_ranks.tolist() == [3.5, 3.5]
+    values = finalize(metric_sums(stats.target_ranks))
+    assert values["hr@1"] == 0.0 and values["hr@5"] == 1.0
+    assert values["ndcg@5"] == pytest.approx(1 / math.log2(5.5))
+    # one item above, two tying with the target (items 2, 3 equal): rank 1 + 2 * 0.5 = 2
+    table = torch.tensor([[0.0], [3.0], [2.0], [2.0], [2.0], [1.0]])
+    stats = catalogue_stats(torch.ones(1, 1), table, targets=torch.tensor([3]), chunk_size=2)
+    assert stats.target_ranks.tolist() == [2.0]
+
+
+def test_popularity_and_sampled_metrics_count_ties_half():
+    # every item seen once: all tie, so the target sits at (4 - 1) / 2 = 1.5 among 4 items
+    values = popularity_metrics([[1, 2, 3, 4]], [([1], 2)], 4)
+    assert values["mrr"] == pytest.approx(1 / 2.5)
+    scores = torch.zeros(1, 6)  # the padding column and 5 items, all equal
+    values = sampled_metrics(lambda ids, lengths: scores, [([1], 2)], 5, 8, "cpu", negatives=4)
+    assert values["mrr"] == pytest.approx(1 / 3)  # 4 negatives tie: rank 2
 
 
 def test_metrics_hand_worked():

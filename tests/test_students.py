@@ -81,6 +81,18 @@ def test_caser_equals_per_window_convolution():
     )
 
 
+def test_caser_masks_padding_positions_whatever_the_padding_row_holds():
+    torch.manual_seed(0)
+    config_class, model_class = STUDENTS["caser"]
+    model = model_class(config_class(num_items=30, max_len=16)).eval()
+    assert model.item_embeddings.weight[0].abs().sum() == 0  # zero after the normal init
+    ids, lengths = pad_right([[3, 4, 5], [7, 8, 29, 30, 2, 1]])
+    clean = model(ids, lengths).user_reps
+    with torch.no_grad():
+        model.item_embeddings.weight[0].fill_(5.0)  # e.g. a fused or trained padding row
+    torch.testing.assert_close(model(ids, lengths).user_reps, clean)
+
+
 def test_llama_student_from_teacher_layers(tmp_path):
     torch.manual_seed(0)
     teacher = LLMRecTeacher(TeacherConfig(num_items=20, backbone=TINY_LLAMA, item_dim=8)).eval()

@@ -68,7 +68,9 @@ def test_scores_last_position_ranks_agree_with_full_scores():
     scores = reps @ model.item_table().T
     scores[:, 0] = float("-inf")
     assert torch.equal(out.stats.topk_ids, scores.topk(5, dim=1).indices)
-    assert torch.equal(out.stats.target_ranks, (scores > scores.gather(1, targets[:, None])).sum(1))
+    assert torch.equal(
+        out.stats.target_ranks, (scores > scores.gather(1, targets[:, None])).sum(1).double()
+    )
 
 
 def test_prefix_mode_uses_prompt_and_last_position():
@@ -138,6 +140,25 @@ def test_pretrained_item_table_is_loaded_and_can_be_frozen(tmp_path):
     save_file({"weight": torch.randn(5, 16)}, str(tmp_path / "wrong.safetensors"))
     with pytest.raises(ValueError, match="wrong.safetensors"):
         load_item_embeddings(model, str(tmp_path / "wrong.safetensors"))
+
+
+def test_item_table_from_a_student_release(tmp_path):
+    """E4SRec's teacher input: model.item_embeddings may name a trained student's release folder;
+    the teacher starts from that student's own item table."""
+    from recdistill.models.sasrec import SASRec, SASRecConfig
+    from recdistill.trainer.teacher import load_item_embeddings
+
+    torch.manual_seed(3)
+    student = SASRec(SASRecConfig(num_items=40, hidden_size=16, num_blocks=1, max_len=8))
+    student.save_pretrained(tmp_path / "sasrec")
+    model = tiny_teacher()
+    assert not torch.equal(model.item_embeddings.weight.data, student.item_table().detach())
+    load_item_embeddings(model, str(tmp_path / "sasrec"))
+    torch.testing.assert_close(model.item_embeddings.weight.data, student.item_table().detach())
+    wide = SASRec(SASRecConfig(num_items=40, hidden_size=32, num_blocks=1, max_len=8))
+    wide.save_pretrained(tmp_path / "wide")
+    with pytest.raises(ValueError, match="wide"):
+        load_item_embeddings(model, str(tmp_path / "wide"))
 
 
 def test_item_init_std_and_input_dropout():

@@ -20,8 +20,9 @@ TEACHER: dict = {
         "item_init_std": None,  # item table N(0, this) at the start; null: N(0, item_dim^-0.5)
         "input_dropout": 0.0,  # dropout on the projected item embeddings (from-scratch backbones)
         "tied_projection_init": False,  # user_out_proj starts as item_in_proj transposed
-        "item_embeddings": None,  # safetensors file with an [N+1, item_dim] table `weight` (e.g. SASRec's)
+        "item_embeddings": None,  # [N+1, item_dim] table: safetensors `weight` or a student release folder
         "freeze_item_embeddings": False,
+        "item_features": None,  # trainer/item_features.py file: [N+1, F] features projected into the item table
         "lora": None,  # {r, alpha, dropout, target_modules}
         "gradient_checkpointing": False,
         "score_chunk_size": 8192,

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
@@ -33,8 +34,9 @@ from transformers import get_scheduler
 
 from recdistill.models.distillation import DistillationObjective
 from recdistill.models.release import block_dims, build_student, save_distilled
-from recdistill.trainer.config import checked_config, parse_job_args, start_run_dir
+from recdistill.trainer.config import ConfigError, checked_config, parse_job_args, start_run_dir
 from recdistill.trainer.data.pipeline import load_sequences
+from recdistill.trainer.data.sequence_stream import SequenceStream
 from recdistill.trainer.data.shard_stream import (
     TeacherShardStream,
     batch_to_device,
@@ -81,7 +83,9 @@ def check_inputs(cfg: dict, resume: bool) -> str:
     choice(cfg, "train.mixed_precision", ["no", "bf16", "fp16"])
     output_dir = required(cfg, "train.output_dir")
     stats = data_stats(required(cfg, "data.dir"))
-    shard_dir = Path(required(cfg, "shards.dir"))
+    if cfg["shards"]["dir"] is None:
+        return check_without_teacher(cfg, stats, resume)
+    shard_dir = Path(cfg["shards"]["dir"])
     manifest = load_manifest(shard_dir)
     check_shards_match_data(shard_dir, manifest, stats, verify_checksums=False)
     if student_cfg["architecture"] == "llama" and student_cfg["init"] == "teacher":
@@ -92,6 +96,34 @@ def check_inputs(cfg: dict, resume: bool) -> str:
     return (
         f"{shard_dir}: {manifest['examples']} examples in {len(manifest['shards'])} shards match "
         f"{data_cfg['dir']} ({stats['items']} items); {student_cfg['architecture']} student -> {output_dir}"
+    )
+
+
+def teacher_terms(loss_cfg: dict) -> list[str]:
+    """The switched-on terms that read teacher outputs."""
+    on = [
+        name
+        for name in ("ranking", "embedding", "logits", "alignment")
+        if loss_cfg[name]["enabled"]
+    ]
+    return on + (["reliability"] if loss_cfg["reliability"] != "none" else [])
+
+
+def check_without_teacher(cfg: dict, stats: dict, resume: bool) -> str:
+    """shards.dir null: a plain student from the prepared sequences, so no teacher term."""
+    needing = teacher_terms(cfg["loss"])
+    if needing:
+        raise ConfigError(
+            f"shards.dir is null (no teacher), but loss {', '.join(needing)} read teacher "
+            "outputs: set shards.dir to a trainer/precompute.py folder, or switch them off"
+        )
+    if cfg["student"]["architecture"] == "llama" and cfg["student"]["init"] == "teacher":
+        existing_dir(cfg["student"]["teacher_dir"], "student.teacher_dir")
+    fresh_or_resumed(cfg["train"]["output_dir"], "train.output_dir", resume)
+    return (
+        f"no teacher shards: plain {cfg['student']['architecture']} student from "
+        f"{cfg['data']['dir']} ({stats['users']} users, {stats['items']} items) -> "
+        f"{cfg['train']['output_dir']}"
     )
 
 
@@ -147,8 +179,10 @@ class LossWatch:
     (SLMRec's own code silently trains without distillation when a term fails). It sees each
     window's mean of every term: terms are never negative, so a mean of 0 is 0 at every step."""
 
-    def __init__(self, expected: list[str], window: int):
-        self.expected, self.window = expected, window
+    def __init__(self, expected: list[str], window: int, may_be_zero: tuple[str, ...] = ()):
+        # may_be_zero: terms a rule can switch off for whole windows (loss.reliability), checked
+        # for NaN and presence only
+        self.expected, self.window, self.may_be_zero = expected, window, may_be_zero
 
     def update(self, terms: dict[str, float], step: int) -> None:
         for name, value in terms.items():
@@ -161,7 +195,9 @@ class LossWatch:
                 raise RuntimeError(
                     f"step {step}: loss term {name!r} is configured on but was not computed"
                 )
-        dead = [name for name in self.expected if terms[name] == 0.0]
+        dead = [
+            name for name in self.expected if terms[name] == 0.0 and name not in self.may_be_zero
+        ]
         if dead:
             raise RuntimeError(
                 f"step {step}: loss term(s) {dead} configured on but 0 for the last {self.window} steps: "
@@ -171,6 +207,8 @@ class LossWatch:
 
 def expected_terms(loss_cfg: dict) -> list[str]:
     names = ["next_item"]
+    if loss_cfg["dros"]["enabled"]:
+        names.append("dros")
     if loss_cfg["ranking"]["enabled"]:
         names.append("ranking")
     if loss_cfg["logits"]["enabled"]:
@@ -181,6 +219,14 @@ def expected_terms(loss_cfg: dict) -> list[str]:
         if align["multi_supervision_weight"] > 0:
             names.append("multi_supervision")
     return names
+
+
+def gated_terms(loss_cfg: dict) -> tuple[str, ...]:
+    """The terms loss.reliability keeps to the rows where the teacher knows better: with a
+    student ahead of its teacher everywhere in a window they are rightly 0."""
+    if loss_cfg["reliability"] == "none":
+        return ()
+    return ("ranking", "logits", "align_cos", "align_l2")
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
@@ -256,9 +302,22 @@ def make_accelerator(train_cfg: dict, output_dir: Path) -> Accelerator:
     return accelerator
 
 
-def build_objective(cfg: dict, num_items: int, shard_dir: Path, manifest: dict):
+def training_target_counts(train_items, num_items: int) -> torch.Tensor:
+    """[N + 1] how often each item is a next-item target in training (all but the first item of
+    each training sequence): DROS's popularity."""
+    targets = [np.asarray(items[1:], dtype=np.int64) for items in train_items if len(items) > 1]
+    flat = np.concatenate(targets) if targets else np.zeros(0, dtype=np.int64)
+    return torch.from_numpy(np.bincount(flat, minlength=num_items + 1))
+
+
+def build_objective(cfg: dict, num_items: int, shard_dir: Path, manifest: dict, splits=None):
     """The student with its distillation parts, and its AdamW."""
     loss_cfg, train_cfg = cfg["loss"], cfg["train"]
+    target_counts = (
+        training_target_counts(splits["train"]["items"], num_items)
+        if loss_cfg["dros"]["enabled"]
+        else None
+    )
     student = build_student(cfg["student"], num_items, cfg["data"]["max_len"])
     teacher_table = (
         load_file(str(shard_dir / ITEM_TABLE_FILE))["weight"]
@@ -266,7 +325,7 @@ def build_objective(cfg: dict, num_items: int, shard_dir: Path, manifest: dict):
         else None
     )
     objective = DistillationObjective(
-        student, loss_cfg, manifest, teacher_table, block_dims(student)
+        student, loss_cfg, manifest, teacher_table, block_dims(student), target_counts
     )
     optimizer = torch.optim.AdamW(
         objective.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"]
@@ -274,22 +333,34 @@ def build_objective(cfg: dict, num_items: int, shard_dir: Path, manifest: dict):
     return objective, optimizer
 
 
-def build_stream(cfg: dict, shard_dir: Path, manifest: dict, rank: int, world: int):
-    """This rank's shard stream and the job's optimizer steps (the same on every rank)."""
+def build_stream(cfg: dict, shard_dir, manifest, rank: int, world: int, splits):
+    """This rank's shard stream (or, without shards, its stream of the prepared sequences) and
+    the job's optimizer steps (the same on every rank)."""
     shard_cfg, train_cfg = cfg["shards"], cfg["train"]
-    stream = TeacherShardStream(
-        shard_dir,
-        manifest,
-        rank,
-        world,
-        train_cfg["batch_size"],
-        shard_cfg["workers"],
-        train_cfg["seed"],
-        shard_cfg["mode"],
-        shard_cfg["shuffle_buffer"],
-        shard_cfg["on_error"],
-        shard_cfg["cache_mb"],
-    )
+    if shard_dir is None:
+        stream = SequenceStream(
+            splits["train"]["items"],
+            cfg["data"]["max_len"],
+            rank,
+            world,
+            train_cfg["batch_size"],
+            train_cfg["seed"],
+        )
+        shard_dir = Path(cfg["data"]["dir"])  # named in the errors below
+    else:
+        stream = TeacherShardStream(
+            shard_dir,
+            manifest,
+            rank,
+            world,
+            train_cfg["batch_size"],
+            shard_cfg["workers"],
+            train_cfg["seed"],
+            shard_cfg["mode"],
+            shard_cfg["shuffle_buffer"],
+            shard_cfg["on_error"],
+            shard_cfg["cache_mb"],
+        )
     micro_per_epoch = [stream.steps_per_epoch(epoch) for epoch in range(train_cfg["epochs"])]
     if min(micro_per_epoch) < train_cfg["grad_accum"]:
         raise ShardError(
@@ -425,16 +496,16 @@ def main(argv=None) -> int:
         start_run_dir(output_dir, cfg, args.resume)
 
     # ---- build: data, student + objective, shard stream, schedule
-    shard_dir = Path(shard_cfg["dir"])
-    manifest = load_manifest(shard_dir)
+    shard_dir = Path(shard_cfg["dir"]) if shard_cfg["dir"] is not None else None
+    manifest = load_manifest(shard_dir) if shard_dir is not None else None
     splits, stats = load_sequences(data_cfg["dir"])
-    if shard_cfg["verify_checksums"]:  # sizes and vocabulary were checked by check_inputs
+    if shard_dir is not None and shard_cfg["verify_checksums"]:  # check_inputs did the sizes
         check_shards_match_data(shard_dir, manifest, stats, verify_checksums=True)
     max_len, exclude_history = data_cfg["max_len"], train_cfg["eval_exclude_history"]
     valid_split = eval_split(splits, "valid", max_len, exclude_history)
     test_split = eval_split(splits, "test", max_len, exclude_history)
-    objective, optimizer = build_objective(cfg, stats["items"], shard_dir, manifest)
-    stream, total_steps = build_stream(cfg, shard_dir, manifest, rank, world)
+    objective, optimizer = build_objective(cfg, stats["items"], shard_dir, manifest, splits)
+    stream, total_steps = build_stream(cfg, shard_dir, manifest, rank, world, splits)
     scheduler = build_scheduler(train_cfg, optimizer, total_steps, world)
     objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
     model = accelerator.unwrap_model(objective)
@@ -446,7 +517,9 @@ def main(argv=None) -> int:
             f"resumed from {latest.name}: epoch {state.values['epoch']}, batch {state.values['batch_in_epoch']}"
         )
     accelerator.init_trackers("tensorboard")
-    watch = LossWatch(expected_terms(cfg["loss"])[1:], train_cfg["log_every"])
+    watch = LossWatch(
+        expected_terms(cfg["loss"])[1:], train_cfg["log_every"], gated_terms(cfg["loss"])
+    )
     s = state.values
 
     # ---- loop

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recdistill.models.scoring import full_scores
+from recdistill.models.scoring import full_scores, tie_aware_count
 from recdistill.trainer.data.batches import even_shard, pad_right, prefix_batch
 from recdistill.trainer.metrics import finalize, metric_sums
 
@@ -84,12 +84,18 @@ def popularity_metrics(
     ).astype(np.float64)
     counts[0] = -np.inf  # padding
     targets = np.asarray([t for _, t in examples])
-    ranks = (counts[None, 1:] > counts[targets][:, None]).sum(1)
+    # Items of equal frequency tie: each counts half (scoring.tie_aware_count), the target not itself.
+    ranks = _tie_aware_ranks(counts[None, 1:], counts[targets][:, None]) - 0.5
     if seen is not None:
         for row, (items, target) in enumerate(zip(seen, targets)):
             items = np.unique(np.asarray(items, dtype=np.int64))
-            ranks[row] -= int((counts[items[items != target]] > counts[target]).sum())
+            others = counts[items[items != target]]
+            ranks[row] -= _tie_aware_ranks(others[None, :], counts[target])[0]
     return finalize(metric_sums(torch.from_numpy(ranks)))
+
+
+def _tie_aware_ranks(scores: np.ndarray, target_scores) -> np.ndarray:
+    return (scores > target_scores).sum(1) + 0.5 * (scores == target_scores).sum(1)
 
 
 def sampled_metrics(
@@ -114,7 +120,9 @@ def sampled_metrics(
         for row, (_, target) in enumerate(chunk):
             pool = rng.choice(num_items - 1, size=min(negatives, num_items - 1), replace=False) + 1
             pool = pool + (pool >= target)  # skip the target: ids 1..N without it
-            ranks.append(int((scores[row, pool] > scores[row, target]).sum()))
+            ranks.append(
+                float(tie_aware_count(scores[row : row + 1, pool], scores[row, target][None]))
+            )
         part = metric_sums(torch.tensor(ranks))
         totals = {key: totals.get(key, 0.0) + value for key, value in part.items()}
     return finalize(totals)

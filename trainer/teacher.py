@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers.integrations import HfDeepSpeedConfig
 
+from recdistill.models.release import load_student
 from recdistill.models.teacher import (
     LLMRecTeacher,
     TeacherConfig,
@@ -95,7 +96,21 @@ def check_inputs(cfg: dict, resume: bool) -> str:
             "set model.backbone_path (a local HF checkpoint) or model.backbone (a config)"
         )
     if model_cfg["item_embeddings"]:
-        existing_file(model_cfg["item_embeddings"], "model.item_embeddings")
+        table = read_item_table(model_cfg["item_embeddings"])
+        wanted = (stats["items"] + 1, model_cfg["item_dim"])
+        if tuple(table.shape) != wanted:
+            raise ConfigError(
+                f"model.item_embeddings {model_cfg['item_embeddings']}: an item table of shape "
+                f"{tuple(table.shape)}, the teacher needs {wanted} (items + 1 padding row, "
+                "model.item_dim): trained on other data, or another width?"
+            )
+    if model_cfg["item_features"]:
+        features = load_item_features(model_cfg["item_features"])
+        if features.shape[0] != stats["items"] + 1:
+            raise ConfigError(
+                f"model.item_features {model_cfg['item_features']}: {features.shape[0]} rows, the "
+                f"data has {stats['items']} items (+1 padding row): made for another vocabulary?"
+            )
     if model_cfg["prompt"]["tokenizer"]:
         existing_dir(model_cfg["prompt"]["tokenizer"], "model.prompt.tokenizer")
     fresh_or_resumed(output_dir, "train.output_dir", resume)
@@ -159,6 +174,11 @@ def teacher_config(model_cfg: dict, data_cfg: dict, num_items: int) -> TeacherCo
         item_init_std=model_cfg["item_init_std"],
         input_dropout=model_cfg["input_dropout"],
         tied_projection_init=model_cfg["tied_projection_init"],
+        item_feature_dim=(
+            load_item_features(model_cfg["item_features"]).shape[1]
+            if model_cfg["item_features"]
+            else 0
+        ),
         mode=data_cfg["mode"],
         prompt_prefix_ids=prefix_ids,
         prompt_suffix_ids=suffix_ids,
@@ -192,10 +212,34 @@ def zero_stage(ds_config: dict) -> int:
     return ds_config.get("zero_optimization", {}).get("stage", 0)
 
 
+def load_item_features(path: str) -> torch.Tensor:
+    """[N+1, F] `features` of a trainer/item_features.py file (row i = item id i)."""
+    tensors = load_file(str(existing_file(path, "model.item_features")))
+    if "features" not in tensors:
+        raise ConfigError(
+            f"model.item_features {path}: no `features` tensor (made by trainer/item_features.py?)"
+        )
+    return tensors["features"]
+
+
+def read_item_table(path: str) -> torch.Tensor:
+    """[N+1, d] a pretrained item table: a safetensors file (its `weight`, or its only tensor), or
+    a student release folder (trainer/distill.py's `final/`, e.g. a plain SASRec's: E4SRec's and
+    SLMRec's teacher reads the ID embeddings of a trained SASRec)."""
+    if Path(path).is_dir():
+        student = load_student(existing_dir(path, "model.item_embeddings"))
+        return student.item_table().detach().float()
+    tensors = load_file(str(existing_file(path, "model.item_embeddings")))
+    if "weight" not in tensors and len(tensors) != 1:
+        raise ConfigError(
+            f"model.item_embeddings {path}: no `weight` tensor among {sorted(tensors)}"
+        )
+    return tensors.get("weight", next(iter(tensors.values())))
+
+
 def load_item_embeddings(model: LLMRecTeacher, path: str) -> None:
     """Copy a pretrained item table (e.g. SASRec's) into the model, gathered under ZeRO-3."""
-    table = load_file(path)
-    table = table.get("weight", next(iter(table.values())))
+    table = read_item_table(path)
     weight = model.item_embeddings.weight
     with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
         if table.shape != weight.shape:
@@ -277,8 +321,11 @@ def build_engine(config: TeacherConfig, model_cfg: dict, ds_config: dict):
     """The teacher built under zero.Init (ZeRO-3: partitioned as it is built, a 7B checkpoint
     loaded partitioned) and its DeepSpeed engine and scheduler."""
     import_backbone_modules(config)
+    features = (
+        load_item_features(model_cfg["item_features"]) if model_cfg["item_features"] else None
+    )
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
-        model = LLMRecTeacher(config)
+        model = LLMRecTeacher(config, item_features=features)
     if model_cfg["item_embeddings"]:
         load_item_embeddings(model, model_cfg["item_embeddings"])
     trainable = [p for p in model.parameters() if p.requires_grad]

