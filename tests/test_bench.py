@@ -300,7 +300,9 @@ def test_quality_and_speed_end_to_end(tmp_path):
     )
 
 
-@pytest.mark.parametrize("scale_name", ["cpu", "cpu_sasrec", "gpu", "gpu_short", "reference"])
+@pytest.mark.parametrize(
+    "scale_name", ["cpu", "cpu_sasrec", "gpu", "gpu_short", "reference", "teacher_sweep_gpu"]
+)
 def test_scale_files_make_valid_job_configs(scale_name, tmp_path):
     """Every job config a scale file produces loads under the job's strict defaults (unknown
     keys are errors), and the student options build each student: the GPU scale, which cannot
@@ -326,6 +328,18 @@ def test_scale_files_make_valid_job_configs(scale_name, tmp_path):
             {},
             tmp_path / f"{name}_precompute.yaml",
         )
+        for i, row in enumerate(scale.get("teacher_ablation", [])):
+            quality.write_job_config(
+                scale["teacher"]["config"],
+                [
+                    *scale["teacher"]["overrides"],
+                    *spec.get("teacher_overrides", []),
+                    *row.get("overrides", []),
+                ],
+                TEACHER,
+                {},
+                tmp_path / f"{name}_teacher_row{i}.yaml",
+            )
         for student, section in scale["students"].items():
             model = build_student(
                 {
@@ -337,19 +351,21 @@ def test_scale_files_make_valid_job_configs(scale_name, tmp_path):
                 max_len=spec["max_len"],
             )
             for variant in scale["variants"]:
-                quality.write_job_config(
-                    scale["distill"]["config"],
-                    [
-                        *scale["distill"]["overrides"],
-                        *spec.get("distill_overrides", []),
-                        *DISTILL_VARIANTS[f"student_{variant}"],
-                        *section.get("overrides", []),
-                    ],
-                    DISTILL,
-                    {"student.options": section["options"]},
-                    tmp_path / f"{name}_{student}_{variant}.yaml",
-                )
-                loss = load_config(tmp_path / f"{name}_{student}_{variant}.yaml")["loss"]
+                for i, tuned in enumerate([[], *quality.tune_candidates(scale, variant)]):
+                    quality.write_job_config(
+                        scale["distill"]["config"],
+                        [
+                            *scale["distill"]["overrides"],
+                            *spec.get("distill_overrides", []),
+                            *DISTILL_VARIANTS[f"student_{variant}"],
+                            *tuned,
+                            *section.get("overrides", []),
+                        ],
+                        DISTILL,
+                        {"student.options": section["options"]},
+                        tmp_path / f"{name}_{student}_{variant}_{i}.yaml",
+                    )
+                loss = load_config(tmp_path / f"{name}_{student}_{variant}_0.yaml")["loss"]
                 if loss["alignment"]["enabled"] and loss["alignment"]["multi_supervision_weight"]:
                     assert len(block_dims(model)) > 1, (student, variant)
 
