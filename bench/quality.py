@@ -472,7 +472,9 @@ def choose_settings(
         ]  # fmt: skip
         choices[f"{student}/{variant}"] = tuning.record(candidates, valid, seed=seed)
     (work / name).mkdir(parents=True, exist_ok=True)
-    (work / name / "tuning.json").write_text(json.dumps(choices, indent=2) + "\n")
+    record = work / name / "tuning.json"  # other scales' choices in a shared work folder stay
+    earlier = json.loads(record.read_text()) if record.is_file() else {}
+    record.write_text(json.dumps({**earlier, **choices}, indent=2) + "\n")
     return choices
 
 
@@ -590,10 +592,13 @@ def collect(
         )
     }
     tuning_file = base / "tuning.json"
-    tuning = json.loads(tuning_file.read_text()) if tuning_file.is_file() else {}
+    choices = json.loads(tuning_file.read_text()) if tuning_file.is_file() else {}
     for student in students:
         for variant in variants:
-            chosen = tuning.get(f"{student}/{variant}", {}).get("chosen")
+            # a choice in tuning.json counts only for a scale that tunes this variant (two scales
+            # may share a work folder and its teachers)
+            tuned = tune_candidates(scale, variant)
+            chosen = choices.get(f"{student}/{variant}", {}).get("chosen") if tuned else None
             runs = [
                 base / "students" / student_run_name(student, variant, seed, chosen)
                 for seed in seeds
@@ -607,13 +612,22 @@ def collect(
             )
     record = base / "logs/seconds.json"
     times = json.loads(record.read_text()) if record.is_file() else {}
+    stages = (
+        ("item features", "item_features"),
+        ("SASRec item tables", f"{ITEM_TABLE_GROUP}_"),
+        ("teacher", "teacher_"),
+        ("precompute", "precompute"),
+    )
     stage_minutes = {
         stage: round(sum(v for k, v in times.items() if k.startswith(prefix)) / 60, 1)
-        for stage, prefix in (("teacher", "teacher_"), ("precompute", "precompute"))
+        for stage, prefix in stages
+        if any(k.startswith(prefix) for k in times)
     }
     # Wall time of the student stage: its jobs may run side by side (`student_jobs`).
     student_seconds = times.get("students_wall") or sum(
-        v for k, v in times.items() if not k.startswith(("teacher_", "precompute", "prepare"))
+        v
+        for k, v in times.items()
+        if not k.startswith(("prepare", *(prefix for _, prefix in stages)))
     )
     stage_minutes["students"] = round(student_seconds / 60, 1)
     return {
@@ -625,8 +639,10 @@ def collect(
         "job_minutes": stage_minutes,
         "tuning": {
             row: choice
-            for row, choice in tuning.items()
-            if row.split("/")[0] in students and row.split("/")[1] in variants
+            for row, choice in choices.items()
+            if row.split("/")[0] in students
+            and row.split("/")[1] in variants
+            and tune_candidates(scale, row.split("/")[1])
         },
         "rows": rows,
         "curves": curves,

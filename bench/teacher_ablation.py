@@ -1,7 +1,11 @@
 """What each change to the teacher buys: the scale's `teacher_ablation` rows, one teacher each.
 
-    python bench/teacher_ablation.py --scale cpu_sasrec            # every dataset, the scale's seeds
-    python bench/teacher_ablation.py --scale cpu_sasrec --datasets ml-1m --seeds 0
+    python bench/teacher_ablation.py --scale teacher_sweep_gpu --seeds 0 --jobs 12   # one GPU
+    python bench/teacher_ablation.py --scale MY_SCALE.yaml --datasets ml-1m --seeds 0   # a CPU
+
+On a CPU, MY_SCALE.yaml is `extends: teacher_sweep_gpu` with `device: cpu`, `ranks: 2` and the
+teacher overrides `[train.micro_batch_size=32]` (two ranks of 32, as the CPU benchmark), and
+--jobs 1.
 
 Each row of the scale file's `teacher_ablation` list is the scale's teacher with changes: its own
 `overrides` (after the scale's), with or without the item features (`features`) and with or without
@@ -172,7 +176,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scale", default="cpu_sasrec", help="a bench/configs name or file")
+    parser.add_argument(
+        "--scale", default="teacher_sweep_gpu", help="a bench/configs name or file with rows"
+    )
     parser.add_argument(
         "--data-root",
         default=str(quality.ROOT.parent / "shared" / "data"),
