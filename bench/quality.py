@@ -499,8 +499,17 @@ def train_students(
         run_pool(scale, name, spec, paths, chosen_runs, work, progress)
     finally:
         record_seconds(
-            work / name / "logs/seconds.json", "students_wall", time.perf_counter() - started, True
+            work / name / "logs/seconds.json",
+            students_wall_key(scale),
+            time.perf_counter() - started,
+            True,
         )
+
+
+def students_wall_key(scale: dict) -> str:
+    """seconds.json's key of a scale's student-stage wall time (added up over resumed
+    invocations; per scale, as two scales may share a work folder and its teachers)."""
+    return f"students_wall_{scale['name']}" if scale.get("name") else "students_wall"
 
 
 def run_pool(
@@ -624,10 +633,10 @@ def collect(
         if any(k.startswith(prefix) for k in times)
     }
     # Wall time of the student stage: its jobs may run side by side (`student_jobs`).
-    student_seconds = times.get("students_wall") or sum(
+    student_seconds = times.get(students_wall_key(scale)) or sum(
         v
         for k, v in times.items()
-        if not k.startswith(("prepare", *(prefix for _, prefix in stages)))
+        if not k.startswith(("prepare", "students_wall", *(prefix for _, prefix in stages)))
     )
     stage_minutes["students"] = round(student_seconds / 60, 1)
     return {

