@@ -107,10 +107,19 @@ class TeacherOutput(ModelOutput):
 def build_backbone(config: TeacherConfig, load_weights: bool) -> nn.Module:
     """The LLM without its LM head. Under an active HfDeepSpeedConfig (ZeRO-3), transformers
     constructs it partitioned (zero.Init) and loads the checkpoint shard by shard."""
+    # In torch's default dtype, not the checkpoint's (transformers 5 follows config.json's
+    # `dtype`: a bf16 checkpoint gave a bf16 backbone beside fp32 item layers). Under ZeRO-3,
+    # zero.Init casts to the DeepSpeed config's dtype as it partitions, and the checkpoint is
+    # read in its own dtype (fp32 would double every shard read of a bf16 checkpoint).
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    dtype = "auto" if is_deepspeed_zero3_enabled() else torch.get_default_dtype()
     if load_weights and config.backbone_path:
-        backbone = AutoModel.from_pretrained(config.backbone_path, local_files_only=True)
+        backbone = AutoModel.from_pretrained(
+            config.backbone_path, local_files_only=True, dtype=dtype
+        )
     else:
-        backbone = AutoModel.from_config(config.backbone_config())
+        backbone = AutoModel.from_config(config.backbone_config(), dtype=torch.get_default_dtype())
     backbone.get_input_embeddings().weight.requires_grad_(False)  # text embeddings stay as they are
     if config.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(
@@ -125,8 +134,35 @@ def build_backbone(config: TeacherConfig, load_weights: bool) -> nn.Module:
             lora_dropout=config.lora.dropout,
             target_modules=list(config.lora.target_modules),
         )
-        backbone = get_peft_model(backbone, lora)
+        with outside_zero_init(backbone):
+            backbone = get_peft_model(backbone, lora)
     return backbone
+
+
+@contextlib.contextmanager
+def outside_zero_init(module: nn.Module):
+    """Build new layers beside a ZeRO-3 partitioned `module` as plain ones: peft creates the
+    adapters and then moves them to the base layer's device and dtype, which under zero.Init
+    replaces each partitioned adapter weight by its empty local shard (found on a LoRA teacher:
+    every forward failed on a 0-element lora_A). deepspeed.initialize partitions them later;
+    they take the partitioned weights' dtype (ZeRO-3 keeps one dtype for all trainable ones)."""
+    partitioned = [param for param in module.parameters() if hasattr(param, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    from deepspeed.runtime.zero.partition_parameters import (
+        restore_init_context,
+        shutdown_init_context,
+    )
+
+    shutdown_init_context()
+    try:
+        yield
+    finally:
+        restore_init_context()
+    for param in module.parameters():
+        if not hasattr(param, "ds_id"):
+            param.data = param.data.to(partitioned[0].dtype)
 
 
 def backbone_matmul_params(config: TeacherConfig) -> int:

@@ -29,6 +29,7 @@ quality = _load("quality")
 speed = _load("speed")
 headline = _load("headline")
 teacher_ablation = _load("teacher_ablation")
+large_model = _load("large_model")
 
 
 def test_sample_users_keeps_whole_users(tmp_path):
@@ -522,3 +523,36 @@ def test_precompute_benchmark_runs_and_reports_bytes(tmp_path):
     report = json.loads(out.read_text())
     assert report["precompute_examples_per_s"] > 0
     assert report["bytes_per_position"] < 0.5 * report["full_float32_logits_bytes_per_position"]
+
+
+def test_large_model_path_on_a_tiny_shape(tmp_path):
+    """bench/large_model.py's whole path on a small LLaMA: a checkpoint and tokenizer made with
+    save_pretrained, a bf16 ZeRO-3 LoRA teacher with gradient checkpointing killed and resumed,
+    ZeRO-3 precompute in prefix mode, check_shards, a LLaMA student cut from the LoRA teacher
+    in the teacher's prompt mode with SLMRec alignment, and evaluation; every rank measured."""
+    results = tmp_path / "results"
+    large_model.main(
+        ["--shape", "tiny", "--work", str(tmp_path / "work"), "--results", str(results)]
+    )
+    report = json.loads((results / "large_model_tiny.json").read_text())
+    assert report["teacher_steps_logged"] == [1, 2, 3, 4]  # nothing lost or redone at the resume
+    stages = {stage["name"]: stage for stage in report["stages"]}
+    for name in ("teacher (killed)", "teacher (resumed)", "precompute", "distill"):
+        assert set(stages[name]["peak_rss_gib"]) == {"rank 0", "rank 1"}, name
+        assert all(0.05 < gib < 8 for gib in stages[name]["peak_rss_gib"].values()), name
+    assert report["student_test"]["count"] == 200 and report["samples"] == 400
+    work = tmp_path / "work"
+    # the adapters trained under ZeRO-3 (they were once left as empty shards)
+    release = load_file(str(work / "teacher/final/model.safetensors"))
+    adapters = [tensor for name, tensor in release.items() if "lora_B" in name]
+    assert adapters and all(tensor.float().abs().sum() > 0 for tensor in adapters)
+    teacher_config = json.loads((work / "teacher/final/teacher_config.json").read_text())
+    student_config = json.loads((work / "student/final/student_config.json").read_text())
+    assert teacher_config["mode"] == student_config["mode"] == "prefix"
+    assert student_config["prompt_prefix_ids"] == teacher_config["prompt_prefix_ids"]
+    assert student_config["prompt_prefix_ids"][0] == 1  # the tokenizer's BOS
+    records = [
+        json.loads(line) for line in (work / "student/metrics.jsonl").read_text().splitlines()
+    ]
+    assert any("loss/align_cos" in record for record in records)
+    assert (results / "large_model_tiny.md").read_text().startswith("# The large-model path")

@@ -126,6 +126,62 @@ def test_llama_student_from_a_lora_teacher_release(tmp_path):
     torch.testing.assert_close(student(ids, lengths).user_reps, merged(ids, lengths).user_reps)
 
 
+def test_llama_student_from_a_prefix_mode_lora_teacher(tmp_path, monkeypatch):
+    """A prefix-mode teacher's student reads the same prompt; its output at each user's last item
+    is the teacher's prediction, and its block states there are the teacher's hidden states at
+    the last backbone position (what precompute stores and alignment compares)."""
+    torch.manual_seed(0)
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    config = TeacherConfig(
+        num_items=20,
+        backbone=TINY_LLAMA,
+        item_dim=8,
+        lora=lora,
+        mode="prefix",
+        prompt_prefix_ids=[1, 2, 3],
+        prompt_suffix_ids=[4, 5],
+    )
+    teacher = LLMRecTeacher(config)
+    with torch.no_grad():
+        for name, param in teacher.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    teacher.save_pretrained(tmp_path / "teacher")
+    merged = LLMRecTeacher.from_pretrained(tmp_path / "teacher").eval()
+
+    def no_whole_teacher(*args, **kwargs):
+        raise AssertionError("from_teacher must read only the tensors it keeps")
+
+    monkeypatch.setattr(LLMRecTeacher, "from_pretrained", no_whole_teacher)
+    student = LlamaStudent.from_teacher(tmp_path / "teacher", [0, 1, 2, 3]).eval()
+    assert student.config.mode == "prefix" and student.config.prompt_suffix_ids == [4, 5]
+    ids, lengths = pad_right([[3, 4, 5, 6], [7, 8]])
+    out = student(ids, lengths)
+    assert out.user_reps.shape == (2, 4, 8)
+    rows = torch.arange(2)
+    reference = merged(ids, lengths, hidden_layers=(2, 4))
+    torch.testing.assert_close(out.user_reps[rows, lengths - 1], reference.user_reps[:, 0])
+    assert out.user_reps[0, :3].abs().sum() == 0 and out.user_reps[1, 2:].abs().sum() == 0
+    last = merged.last_positions(lengths)
+    for block, layer in ((2, 2), (4, 4)):
+        torch.testing.assert_close(
+            out.block_states[block - 1][rows, lengths - 1],
+            reference.hidden_states[layer][rows, last],
+        )
+    student.save_pretrained(tmp_path / "student")
+    reloaded = load_student(tmp_path / "student")
+    assert reloaded.config.mode == "prefix"
+    torch.testing.assert_close(reloaded(ids, lengths).user_reps, out.user_reps)
+    # a cut of the teacher: layers 1 and 3 only
+    cut = LlamaStudent.from_teacher(tmp_path / "teacher", [1, 3])
+    torch.testing.assert_close(
+        cut.model.backbone.layers[1].self_attn.q_proj.weight,
+        merged.backbone.layers[3].self_attn.q_proj.weight,
+    )
+    with pytest.raises(ValueError, match="teacher_layers"):
+        LlamaStudent.from_teacher(tmp_path / "teacher", [0, 4])
+
+
 @pytest.mark.parametrize("architecture", list(STUDENTS))
 def test_inputs_from_an_external_item_table(architecture):
     """DLLM2Rec's collaborative embedding hands every student a changed item table: the inputs

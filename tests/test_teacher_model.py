@@ -111,6 +111,21 @@ def test_lora_trains_only_adapters_and_merges_on_load(tmp_path):
     torch.testing.assert_close(loaded(**batch).loss, model(**batch).loss, atol=1e-5, rtol=1e-5)
 
 
+def test_backbone_from_a_bf16_checkpoint_is_built_in_the_default_dtype(tmp_path):
+    """transformers 5 builds a model in its config.json's dtype: a bf16 checkpoint gave a bf16
+    backbone beside fp32 item layers, and the first matmul between them failed."""
+    from transformers import AutoConfig, AutoModel
+
+    backbone = AutoModel.from_config(AutoConfig.for_model(**TINY_LLAMA), dtype=torch.bfloat16)
+    backbone.save_pretrained(tmp_path)
+    config = TeacherConfig(
+        num_items=20, backbone=TINY_LLAMA, backbone_path=str(tmp_path), item_dim=8
+    )
+    for model in (LLMRecTeacher(config), LLMRecTeacher(config, load_backbone_weights=False)):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        assert torch.isfinite(model(**sequence_batch([[3, 4, 5]])).loss)
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     batch = sequence_batch([[3, 4, 5, 6, 7], [9, 10, 11]])
     grads = []
