@@ -415,15 +415,19 @@ def main(argv=None) -> int:
         stages.append(record)
         return record
 
-    checkpoint = work / "checkpoint"
+    checkpoint, made = work / "checkpoint", logs / "checkpoint.json"
     if not (checkpoint / "config.json").is_file():
         shutil.rmtree(checkpoint, ignore_errors=True)
         make = [python, "bench/make_checkpoint.py", "--shape", args.shape, "--output"]
-        stage(
+        record = stage(
             "checkpoint",
             "random weights and a tokenizer, save_pretrained (bf16)",
             [*make, str(checkpoint), "--text", f"{PROMPT_PREFIX} {PROMPT_SUFFIX}"],
         )
+        made.write_text(json.dumps(record) + "\n")
+    elif made.is_file():  # made by an earlier run in this folder: its figures
+        record = json.loads(made.read_text())
+        stages.append({**record, "name": "checkpoint (an earlier run)"})
     parameters, arch = checkpoint_facts(checkpoint)
     layers = arch["num_hidden_layers"]
 

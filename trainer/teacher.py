@@ -356,6 +356,16 @@ def loop_state(engine, checkpoints: Path, resume: bool) -> dict:
     return state
 
 
+def consolidated_state_dict(engine) -> dict | None:
+    """The whole model's weights on rank 0 (None on the others; every rank must call it). Under
+    ZeRO-3 DeepSpeed gathers them one layer at a time, in the run's 16-bit dtype: what
+    save_16bit_model writes, without a second copy written to disk and read back (rank 0 held
+    the model twice, 4.6 GiB of a 1.1B teacher's release)."""
+    if engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict() if dist.get_rank() == 0 else None
+
+
 def save_release(engine, cfg, config, splits, stats, state, test, test_split, log) -> None:
     """OUTPUT/final: the engine's weights consolidated to 16 bits (every rank takes part), saved
     HF-style with the item map, run config and test metrics; staged and renamed."""
@@ -367,11 +377,11 @@ def save_release(engine, cfg, config, splits, stats, state, test, test_split, lo
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
     dist.barrier()
-    engine.save_16bit_model(str(staging), "consolidated.bin")
+    state_dict = consolidated_state_dict(engine)
     if rank == 0:
-        state_dict = torch.load(staging / "consolidated.bin", map_location="cpu", weights_only=True)
-        (staging / "consolidated.bin").unlink()
+        staging.mkdir(parents=True)
         save_teacher_files(staging, config, state_dict)
+        del state_dict
         shutil.copy(Path(data_cfg["dir"]) / ITEM_MAP_FILE, staging / ITEM_MAP_FILE)
         save_config(cfg, staging / "run_config.yaml")
         popularity = popularity_metrics(
