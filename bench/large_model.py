@@ -549,6 +549,11 @@ def notes(baseline: dict | None, student_bytes: int) -> list[str]:
         + ", plus the bf16 weights / ranks, plus one decoder layer and the token embedding "
         'gathered whole in bf16; "one whole model per rank" = the framework plus all bf16 '
         "weights, what plain data parallelism would load on every rank.",
+        "Rank 0's higher peaks are transient: it reads the weights as the model loads "
+        "(transformers' ZeRO-3 load and the precompute's read them on rank 0 and scatter them) "
+        "and, in the teacher, holds the whole 16-bit model while it writes the consolidated "
+        "release; in between it holds what rank 1 does. Each rank's memory over time: "
+        "WORK/logs/STAGE.rss.tsv.",
         "Every rank runs with MALLOC_MMAP_THRESHOLD_=65536: with glibc's default (a threshold "
         "that rises as large blocks are freed) the layers ZeRO-3 gathers and frees stay in the "
         "heap, and a 1.1B teacher's ranks grew from 2.0 to 3.9 GiB over four steps.",
