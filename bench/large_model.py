@@ -1,7 +1,7 @@
 """The large-model path on CPU: a billion-parameter LLaMA through every stage, 2 ranks.
 
-    python bench/large_model.py                  # TinyLlama-1.1B's shape (about 25 min here)
-    python bench/large_model.py --shape tiny     # the same path on a small shape (the tests)
+    python bench/large_model.py                  # TinyLlama-1.1B's shape (8 min on 2 cores)
+    python bench/large_model.py --shape tiny     # the same path on a small shape (1 min; the tests)
 
 What a user does on a cluster, with the real launchers (`deepspeed`, `accelerate launch`) on CPU:
 0. checkpoint: a LlamaForCausalLM of the shape with random weights and a tokenizer built here,
