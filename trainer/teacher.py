@@ -22,6 +22,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers.integrations import HfDeepSpeedConfig
@@ -105,10 +106,10 @@ def check_inputs(cfg: dict, resume: bool) -> str:
                 "model.item_dim): trained on other data, or another width?"
             )
     if model_cfg["item_features"]:
-        features = load_item_features(model_cfg["item_features"])
-        if features.shape[0] != stats["items"] + 1:
+        rows, _ = item_features_shape(model_cfg["item_features"])
+        if rows != stats["items"] + 1:
             raise ConfigError(
-                f"model.item_features {model_cfg['item_features']}: {features.shape[0]} rows, the "
+                f"model.item_features {model_cfg['item_features']}: {rows} rows, the "
                 f"data has {stats['items']} items (+1 padding row): made for another vocabulary?"
             )
     if model_cfg["prompt"]["tokenizer"]:
@@ -175,9 +176,7 @@ def teacher_config(model_cfg: dict, data_cfg: dict, num_items: int) -> TeacherCo
         input_dropout=model_cfg["input_dropout"],
         tied_projection_init=model_cfg["tied_projection_init"],
         item_feature_dim=(
-            load_item_features(model_cfg["item_features"]).shape[1]
-            if model_cfg["item_features"]
-            else 0
+            item_features_shape(model_cfg["item_features"])[1] if model_cfg["item_features"] else 0
         ),
         mode=data_cfg["mode"],
         prompt_prefix_ids=prefix_ids,
@@ -212,14 +211,22 @@ def zero_stage(ds_config: dict) -> int:
     return ds_config.get("zero_optimization", {}).get("stage", 0)
 
 
+def item_features_shape(path: str) -> tuple[int, int]:
+    """(N+1, F) of a trainer/item_features.py file, from its header: checking a config and
+    sizing the model need no read of a catalogue-sized table (the model's build reads it)."""
+    with safe_open(str(existing_file(path, "model.item_features")), framework="pt") as tensors:
+        if "features" not in tensors.keys():
+            raise ConfigError(
+                f"model.item_features {path}: no `features` tensor (made by trainer/item_features.py?)"
+            )
+        rows, width = tensors.get_slice("features").get_shape()
+    return rows, width
+
+
 def load_item_features(path: str) -> torch.Tensor:
     """[N+1, F] `features` of a trainer/item_features.py file (row i = item id i)."""
-    tensors = load_file(str(existing_file(path, "model.item_features")))
-    if "features" not in tensors:
-        raise ConfigError(
-            f"model.item_features {path}: no `features` tensor (made by trainer/item_features.py?)"
-        )
-    return tensors["features"]
+    item_features_shape(path)  # the same clear error when the tensor is missing
+    return load_file(str(path))["features"]
 
 
 def read_item_table(path: str) -> torch.Tensor:
