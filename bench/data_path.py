@@ -156,7 +156,7 @@ def measure(shard_dir: Path, batch_size: int, workers: list[int], epochs: int) -
     loaders = [loader_rates(shard_dir, manifest, batch_size, w, epochs) for w in workers]
     baseline = format1_rates(shard_dir, manifest, batch_size, epochs)
     cold = cold_read_mb_per_s(files)
-    raw = raw_read_mb_per_s(files)
+    raw = raw_read_mb_per_s(files, passes=epochs)  # the same bytes as each loader run
     best_per_worker = max(entry["positions_per_s_per_worker"] for entry in loaders)
     return {
         "shards": str(shard_dir),
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
         "--workers", type=int, nargs="+", default=[0, 1, 2], help="loader settings (default 0 1 2)"
     )
     parser.add_argument(
-        "--epochs", type=int, default=3, help="epochs drawn per setting (default 3)"
+        "--epochs", type=int, default=10, help="epochs drawn per setting (default 10)"
     )
     parser.add_argument("--output", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)

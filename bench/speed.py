@@ -307,6 +307,12 @@ def main(argv=None) -> int:
         help="batch of the loader-only runs (default 64)",
     )
     parser.add_argument(
+        "--loader-epochs",
+        type=int,
+        default=10,
+        help="epochs of the loader-only runs, and passes of the raw read (default 10)",
+    )
+    parser.add_argument(
         "--results",
         default=str(ROOT / "bench/results"),
         help="output folder (default bench/results)",
@@ -343,7 +349,10 @@ def main(argv=None) -> int:
                 for student in args.students or students_in(work / name)
             ],
             "loader": loader_bench.measure(
-                work / name / "shards", args.loader_batch_size, args.loader_workers, epochs=3
+                work / name / "shards",
+                args.loader_batch_size,
+                args.loader_workers,
+                args.loader_epochs,
             ),
             "storage": storage(work / name),
             "teacher_training": teacher_training(work / name),

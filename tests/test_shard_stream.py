@@ -191,6 +191,23 @@ def test_to_batch_gathers_ragged_samples_hand_worked():
     assert batch["hidden_positions"].tolist() == [[1, 2], [0, 0]]
     assert batch["hidden_mask"].tolist() == [[True, True], [True, False]]
     assert batch["hidden_3"][1].tolist() == [[5.0, 6.0], [0.0, 0.0]]
+    # hidden states stay in their stored half precision on the host, float32 on the device
+    assert batch["hidden_3"].dtype == torch.bfloat16
+    on_device = batch_to_device(batch, "cpu")
+    assert on_device["hidden_3"].dtype == torch.float32
+    assert on_device["hidden_3"][0].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    assert on_device["teacher_topk_scores"].dtype == torch.float32
+    # every sample with the same number of hidden rows (the usual case: reshaped, not scattered)
+    even = dict(
+        ragged, counts_hidden=np.asarray([1, 1]), hidden_positions=np.asarray([7, 7], np.int32)
+    )
+    even["hidden_3"] = ragged["hidden_3"][1:]
+    # (sequence mode: the stored positions; prefix mode: each sample's last item)
+    for mode, positions in (("sequence", [[7], [7]]), ("prefix", [[2], [0]])):
+        got = to_batch(even, mode)
+        assert got["hidden_mask"].tolist() == [[True], [True]], mode
+        assert got["hidden_3"].float().tolist() == [[[3.0, 4.0]], [[5.0, 6.0]]], mode
+        assert got["hidden_positions"].tolist() == positions, mode
     # prefix mode: the one target of each sample sits at its last item
     prefix = dict(ragged, counts_targets=np.asarray([1, 1]), targets=np.asarray([8, 10]))
     for key in ("topk_ids", "topk_scores", "logsumexp", "target_logprob"):

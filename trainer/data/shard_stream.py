@@ -104,39 +104,49 @@ class ShardColumns:
     def __len__(self) -> int:
         return len(self.counts["items"])
 
-    def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """The chosen samples as a smaller ragged set: fields plus `counts_GROUP`."""
-        out = {f"counts_{g}": c[indices] for g, c in self.counts.items()}
-        rows = {g: ragged_rows(self.starts[g][indices], c[indices]) for g, c in self.counts.items()}
-        for key, values in self.fields.items():
-            out[key] = np.take(values, rows[row_group(key)], axis=0)  # 10x fancy indexing, 2-D
-        return out
+
+def gather(parts: list[tuple[ShardColumns, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The chosen samples of one or more shards ((columns, sample indices) pairs) as one ragged
+    set: fields plus `counts_GROUP`. Each field is gathered straight into its output, one copy of
+    its bytes (a gather per shard and then a concatenation would copy a batch twice)."""
+    groups = parts[0][0].counts
+    out = {f"counts_{g}": np.concatenate([c.counts[g][i] for c, i in parts]) for g in groups}
+    rows = {g: [ragged_rows(c.starts[g][i], c.counts[g][i]) for c, i in parts] for g in groups}
+    for key, values in parts[0][0].fields.items():
+        part_rows = rows[row_group(key)]
+        field = np.empty((sum(len(r) for r in part_rows), *values.shape[1:]), values.dtype)
+        at = 0
+        for (columns, _), taken in zip(parts, part_rows):
+            # mode="clip": "raise" buffers the output; the rows are in range by construction
+            np.take(
+                columns.fields[key], taken, axis=0, out=field[at : at + len(taken)], mode="clip"
+            )
+            at += len(taken)
+        out[key] = field
+    return out
 
 
-def concat_ragged(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if len(parts) == 1:
-        return parts[0]
-    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-
-
-def unpack_hidden(values: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
-    """float32 hidden states from float16, bfloat16 bits (uint16) or int8 + per-row scale."""
+def hidden_tensor(values: np.ndarray, scale: np.ndarray | None) -> torch.Tensor:
+    """Hidden-state rows as a tensor in their stored precision (float16, or bfloat16 from its
+    uint16 bits): `batch_to_device` widens them to float32 on the device, which halves what the
+    loader writes and copies. int8 rows are scaled here (a per-row scale travels badly)."""
     if values.dtype == np.uint16:
-        return (values.astype(np.uint32) << 16).view(np.float32)
+        return torch.from_numpy(values).view(torch.bfloat16)
     if values.dtype == np.int8:
-        return values.astype(np.float32) * scale[:, None]
-    return values.astype(np.float32)
+        return torch.from_numpy(values.astype(np.float32) * scale[:, None])
+    return torch.from_numpy(values)
 
 
 def to_batch(ragged: dict[str, np.ndarray], mode: str) -> dict[str, torch.Tensor]:
     """Tensors of a batch of B samples.
 
     Item ids travel as stored (uint16 for catalogues below 65,536 items, else int32), positions
-    and lengths as int32: a quarter to half the bytes of int64 through worker IPC and host-to-
-    device copies; `batch_to_device` widens every integer to int64 on the device.
+    and lengths as int32, hidden states and top-K scores in their stored half precision: a
+    quarter to half the bytes through worker IPC and host-to-device copies; `batch_to_device`
+    widens every integer to int64 and every half to float32 on the device.
     item_ids [B, L] (0-padded) and lengths [B]; per target position, flat over the batch:
     target_positions [M] (index into B * L), targets [M], teacher_topk_ids [M, K],
-    teacher_topk_scores [M, K] (float16), teacher_logsumexp [M, T], teacher_target_logprob [M];
+    teacher_topk_scores [M, K], teacher_logsumexp [M, T], teacher_target_logprob [M];
     with hidden states: hidden_positions / hidden_mask [B, P] and hidden_LAYER [B, P, H].
     Targets sit at the last positions of each sample (sequence mode: all of them; prefix mode:
     the last item).
@@ -146,41 +156,66 @@ def to_batch(ragged: dict[str, np.ndarray], mode: str) -> dict[str, torch.Tensor
     rows, cols = ragged_coords(item_counts)
     item_ids = np.zeros((batch, width), dtype=ragged["item_ids"].dtype)
     item_ids[rows, cols] = ragged["item_ids"]
-    target_rows, index = ragged_coords(target_counts)
-    target_cols = (item_counts - target_counts)[target_rows] + index
+    if np.array_equal(target_counts, item_counts):  # sequence mode: a target at every item
+        target_positions = rows * width + cols
+    else:
+        target_rows, index = ragged_coords(target_counts)
+        target_positions = target_rows * width + (item_counts - target_counts)[target_rows] + index
     out = {
         "item_ids": torch.from_numpy(item_ids),
         "lengths": torch.from_numpy(item_counts.astype(np.int32)),
-        "target_positions": torch.from_numpy((target_rows * width + target_cols).astype(np.int32)),
+        "target_positions": torch.from_numpy(target_positions.astype(np.int32)),
         "targets": torch.from_numpy(ragged["targets"]),
         "teacher_topk_ids": torch.from_numpy(ragged["topk_ids"]),
-        "teacher_topk_scores": torch.from_numpy(np.ascontiguousarray(ragged["topk_scores"])),
-        "teacher_logsumexp": torch.from_numpy(np.ascontiguousarray(ragged["logsumexp"])),
-        "teacher_target_logprob": torch.from_numpy(np.ascontiguousarray(ragged["target_logprob"])),
+        "teacher_topk_scores": torch.from_numpy(ragged["topk_scores"]),
+        "teacher_logsumexp": torch.from_numpy(ragged["logsumexp"]),
+        "teacher_target_logprob": torch.from_numpy(ragged["target_logprob"]),
     }
     if "counts_hidden" in ragged:
-        hidden_counts = ragged["counts_hidden"]
+        out.update(hidden_batch(ragged, item_counts, mode))
+    return out
+
+
+def hidden_batch(
+    ragged: dict[str, np.ndarray], item_counts: np.ndarray, mode: str
+) -> dict[str, torch.Tensor]:
+    """hidden_positions / hidden_mask [B, P] and hidden_LAYER [B, P, H], P the most hidden
+    positions any sample has (zero rows where a sample has fewer)."""
+    hidden_counts = ragged["counts_hidden"]
+    batch, slots = len(hidden_counts), int(hidden_counts.max())
+    # prefix mode stores the backbone's last position (after the prompt): the student's matching
+    # position is its last item.
+    stored = ragged["hidden_positions"] if mode == "sequence" else None
+    if (hidden_counts == slots).all():  # every sample has P rows (the usual case): reshapes only
+        if stored is None:
+            stored = np.repeat(item_counts - 1, slots)
+        out = {
+            "hidden_positions": torch.from_numpy(stored.astype(np.int32).reshape(batch, slots)),
+            "hidden_mask": torch.ones((batch, slots), dtype=torch.bool),
+        }
+        place = lambda values: values.reshape(batch, slots, -1)  # noqa: E731
+    else:
         hidden_rows, slot = ragged_coords(hidden_counts)
-        slots = int(hidden_counts.max())
         positions = np.zeros((batch, slots), dtype=np.int32)
-        # prefix mode stores the backbone's last position (after the prompt): the student's
-        # matching position is its last item.
         positions[hidden_rows, slot] = (
-            ragged["hidden_positions"] if mode == "sequence" else (item_counts - 1)[hidden_rows]
+            stored if stored is not None else (item_counts - 1)[hidden_rows]
         )
         mask = np.zeros((batch, slots), dtype=bool)
         mask[hidden_rows, slot] = True
-        out["hidden_positions"], out["hidden_mask"] = (
-            torch.from_numpy(positions),
-            torch.from_numpy(mask),
-        )
-        for key in ragged:
-            if not key.startswith("hidden_") or key.endswith("_scale") or key == "hidden_positions":
-                continue
-            values = unpack_hidden(ragged[key], ragged.get(f"{key}_scale"))
-            states = np.zeros((batch, slots, values.shape[1]), dtype=np.float32)
-            states[hidden_rows, slot] = values
-            out[key] = torch.from_numpy(states)  # [B, P, H]
+        out = {
+            "hidden_positions": torch.from_numpy(positions),
+            "hidden_mask": torch.from_numpy(mask),
+        }
+
+        def place(values: torch.Tensor) -> torch.Tensor:
+            states = values.new_zeros((batch, slots, values.shape[1]))
+            states[torch.from_numpy(hidden_rows), torch.from_numpy(slot)] = values
+            return states
+
+    for key in ragged:
+        if not key.startswith("hidden_") or key.endswith("_scale") or key == "hidden_positions":
+            continue
+        out[key] = place(hidden_tensor(ragged[key], ragged.get(f"{key}_scale")))  # [B, P, H]
     return out
 
 
@@ -229,7 +264,8 @@ def iter_batches(loader: DataLoader):
 
 
 def batch_to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    """Copy to the device (asynchronously from pinned memory) and widen integers to int64 there."""
+    """Copy to the device (asynchronously from pinned memory) and widen there: integers to
+    int64, half-precision floats to float32."""
     moved = {}
     for name, tensor in batch.items():
         if tensor.dtype == torch.uint16:
@@ -237,8 +273,11 @@ def batch_to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.T
             moved[name] = tensor.view(torch.int16).to(device, non_blocking=True).long() & 0xFFFF
             continue
         tensor = tensor.to(device, non_blocking=True)
-        widen = tensor.dtype in (torch.int32, torch.int16, torch.uint8)
-        moved[name] = tensor.long() if widen else tensor
+        if tensor.dtype in (torch.int32, torch.int16, torch.uint8):
+            tensor = tensor.long()
+        elif tensor.dtype in (torch.float16, torch.bfloat16):
+            tensor = tensor.float()
+        moved[name] = tensor
     return moved
 
 
@@ -416,10 +455,10 @@ class TeacherShardStream(IterableDataset):
                     indices[: self.batch_size - have],
                     indices[self.batch_size - have :],
                 )
-                parts.append(columns.take(chunk))
+                parts.append((columns, chunk))
                 have += len(chunk)
                 if have == self.batch_size:
-                    batch = to_batch(concat_ragged(parts), self.sample_mode)
+                    batch = to_batch(gather(parts), self.sample_mode)
                     yield pack_batch(batch) if pack else batch
                     parts, have, made = [], 0, made + 1
                     if limit is not None and made >= limit:
