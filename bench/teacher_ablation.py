@@ -1,11 +1,11 @@
 """What each change to the teacher buys: the scale's `teacher_ablation` rows, one teacher each.
 
     python bench/teacher_ablation.py --scale teacher_sweep_gpu --seeds 0 --jobs 12   # one GPU
-    python bench/teacher_ablation.py --scale MY_SCALE.yaml --datasets ml-1m --seeds 0   # a CPU
+    python bench/teacher_ablation.py --scale teacher_sweep_cpu --work runs/bench_cpu_sasrec  # CPU
 
-On a CPU, MY_SCALE.yaml is `extends: teacher_sweep_gpu` with `device: cpu`, `ranks: 2` and the
-teacher overrides `[train.micro_batch_size=32]` (two ranks of 32, as the CPU benchmark), and
---jobs 1.
+teacher_sweep_cpu is the CPU benchmark's own teacher and scale (2 ranks of 32) with three rows at
+three seeds, one teacher at a time; pointed at the cpu_sasrec work folder it reuses its data, item
+features and SASRec tables.
 
 Each row of the scale file's `teacher_ablation` list is the scale's teacher with changes: its own
 `overrides` (after the scale's), with or without the item features (`features`) and with or without
