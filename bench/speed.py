@@ -12,7 +12,9 @@ Per dataset:
    TeacherShardStream and the DataLoader exactly as trainer/distill.py does and (b) from the
    same batches already in memory, --repeats times alternately (the best of each), the shard files
    warm in the page cache. samples/s of each; (a)/(b) is the data path's cost, and
-   1 - (a)/(b) its share of a training step. Then the loader alone (bench/data_path.py):
+   1 - (a)/(b) its share of a training step; and (c) the same batches drawn with no model, the
+   loader's own ms per batch against the in-memory step: its cost measured directly, without the
+   two runs' noise (the best of --repeats too). Then the loader alone (bench/data_path.py):
    positions/s and MB/s per worker setting, the raw read rate of the same files, and the
    format-1 loader on the same samples.
 3. Storage: shard bytes per training example against storing the full float32 logits for every
@@ -150,11 +152,28 @@ def data_path(
     for shard in manifest["shards"]:
         (shard_dir / shard["file"]).read_bytes()
     in_memory = list(stream_batches())  # the same batches, decoded and collated beforehand
+
+    def loader_seconds() -> float:
+        """The same batches drawn with no model: the loader's own time for `steps` batches."""
+        batches = stream_batches()
+        next(batches)  # as timed(): the first batch (worker start, first read) is left out
+        started = time.perf_counter()
+        for _ in batches:
+            pass
+        return time.perf_counter() - started
+
     # Alternating repeats, the best of each: one run of a cheap step varies by +-5% on a shared CPU.
     from_shards = from_memory = 0.0
+    loader = float("inf")
     for _ in range(repeats):
         from_shards = max(from_shards, timed(stream_batches()))
         from_memory = max(from_memory, timed(in_memory))
+        loader = min(loader, loader_seconds())
+    # The ratio of two throughputs carries both runs' noise; the loader's own time per batch
+    # against an in-memory step is its cost measured directly (in the training process it adds
+    # to the step; with worker processes the training process only receives the batch).
+    loader_ms = 1000 * loader / steps
+    step_ms = 1000 * batch_size / from_memory
     return {
         "student": student,
         "losses": "next_item + DLLM2Rec ranking + collaborative embedding + SLMRec alignment",
@@ -166,6 +185,9 @@ def data_path(
         "samples_per_s_in_memory": from_memory,
         "shards_vs_in_memory": from_shards / from_memory,
         "data_path_share_of_step": 1 - from_shards / from_memory,
+        "loader_ms_per_batch": loader_ms,
+        "step_ms_in_memory": step_ms,
+        "loader_share_of_step": loader_ms / (loader_ms + step_ms),
     }
 
 
@@ -219,6 +241,15 @@ def storage(work: Path) -> dict:
     }
 
 
+def loader_cell(path: dict) -> str:
+    if "loader_ms_per_batch" not in path:  # results written before this was measured
+        return ""
+    return (
+        f"{path['loader_ms_per_batch']:.2f} of {path['step_ms_in_memory']:.1f} "
+        f"({100 * path['loader_share_of_step']:.1f}%)"
+    )
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# Speed and storage, scale `{report['scale']}`",
@@ -250,15 +281,15 @@ def markdown(report: dict) -> str:
             "",
             "Distillation, all losses, the same steps from shards vs from batches in memory:",
             "",
-            "| student | batch | steps (best of) | loader workers | samples/s from shards | in memory | ratio | data path's share of a step |",
-            "|---|---|---|---|---|---|---|---|",
+            "| student | batch | steps (best of) | loader workers | samples/s from shards | in memory | ratio | data path's share of a step | loader alone, ms per batch (vs an in-memory step) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for path in result["data_path"]:
             lines.append(
                 f"| {path['student']} | {path['batch_size']} | {path['steps']} ({path.get('repeats', 1)}) | "
                 f"{path['loader_workers']} | {path['samples_per_s_from_shards']:,.0f} | "
                 f"{path['samples_per_s_in_memory']:,.0f} | {path['shards_vs_in_memory']:.2f} | "
-                f"{100 * path['data_path_share_of_step']:.1f}% |"
+                f"{100 * path['data_path_share_of_step']:.1f}% | {loader_cell(path)} |"
             )
         lines += ["", *loader_bench.markdown(result["loader"]), ""]
         lines += [

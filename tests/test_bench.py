@@ -275,6 +275,11 @@ def test_quality_and_speed_end_to_end(tmp_path):
     assert measured["inference"]["teacher"]["speedup_vs_teacher"] == 1.0
     assert {p["student"] for p in measured["data_path"]} == {"sasrec", "gru4rec"}
     assert all(p["samples_per_s_from_shards"] > 0 for p in measured["data_path"])
+    for path in measured["data_path"]:  # the loader's own time, against the in-memory step
+        assert path["loader_ms_per_batch"] > 0 and path["step_ms_in_memory"] > 0
+        assert path["loader_share_of_step"] == pytest.approx(
+            path["loader_ms_per_batch"] / (path["loader_ms_per_batch"] + path["step_ms_in_memory"])
+        )
     loader = measured["loader"]  # the loader alone, against the raw read and format 1
     assert [e["workers"] for e in loader["loaders"]] == [0, 1, 2]
     assert loader["raw_read_mb_per_s"] > 0 and loader["format1_loader"]["positions_per_s"] > 0

@@ -193,7 +193,10 @@ def hidden_batch(
             "hidden_positions": torch.from_numpy(stored.astype(np.int32).reshape(batch, slots)),
             "hidden_mask": torch.ones((batch, slots), dtype=torch.bool),
         }
-        place = lambda values: values.reshape(batch, slots, -1)  # noqa: E731
+
+        def place(values: torch.Tensor) -> torch.Tensor:
+            return values.reshape(batch, slots, -1)
+
     else:
         hidden_rows, slot = ragged_coords(hidden_counts)
         positions = np.zeros((batch, slots), dtype=np.int32)
