@@ -47,7 +47,7 @@ def cold_read_mb_per_s(files: list[Path]) -> float | None:
     return total / (time.perf_counter() - started) / 1e6
 
 
-def raw_read_mb_per_s(files: list[Path], passes: int = 3) -> float:
+def raw_read_mb_per_s(files: list[Path], passes: int) -> float:
     for path in files:  # warm the page cache
         path.read_bytes()
     started = time.perf_counter()

@@ -242,8 +242,6 @@ def storage(work: Path) -> dict:
 
 
 def loader_cell(path: dict) -> str:
-    if "loader_ms_per_batch" not in path:  # results written before this was measured
-        return ""
     return (
         f"{path['loader_ms_per_batch']:.2f} of {path['step_ms_in_memory']:.1f} "
         f"({100 * path['loader_share_of_step']:.1f}%)"

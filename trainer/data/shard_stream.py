@@ -185,12 +185,14 @@ def hidden_batch(
     batch, slots = len(hidden_counts), int(hidden_counts.max())
     # prefix mode stores the backbone's last position (after the prompt): the student's matching
     # position is its last item.
-    stored = ragged["hidden_positions"] if mode == "sequence" else None
+    positions = (
+        ragged["hidden_positions"]
+        if mode == "sequence"
+        else np.repeat(item_counts - 1, hidden_counts)
+    ).astype(np.int32)
     if (hidden_counts == slots).all():  # every sample has P rows (the usual case): reshapes only
-        if stored is None:
-            stored = np.repeat(item_counts - 1, slots)
         out = {
-            "hidden_positions": torch.from_numpy(stored.astype(np.int32).reshape(batch, slots)),
+            "hidden_positions": torch.from_numpy(positions.reshape(batch, slots)),
             "hidden_mask": torch.ones((batch, slots), dtype=torch.bool),
         }
 
@@ -199,16 +201,11 @@ def hidden_batch(
 
     else:
         hidden_rows, slot = ragged_coords(hidden_counts)
-        positions = np.zeros((batch, slots), dtype=np.int32)
-        positions[hidden_rows, slot] = (
-            stored if stored is not None else (item_counts - 1)[hidden_rows]
-        )
+        padded = np.zeros((batch, slots), dtype=np.int32)
+        padded[hidden_rows, slot] = positions
         mask = np.zeros((batch, slots), dtype=bool)
         mask[hidden_rows, slot] = True
-        out = {
-            "hidden_positions": torch.from_numpy(positions),
-            "hidden_mask": torch.from_numpy(mask),
-        }
+        out = {"hidden_positions": torch.from_numpy(padded), "hidden_mask": torch.from_numpy(mask)}
 
         def place(values: torch.Tensor) -> torch.Tensor:
             states = values.new_zeros((batch, slots, values.shape[1]))
