@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from recdistill.trainer.data import shard_stream
 from recdistill.trainer.data.shard_stream import (
     TeacherShardStream,
     batch_to_device,
@@ -15,6 +16,7 @@ from recdistill.trainer.data.shard_stream import (
     make_loader,
     pack_batch,
     to_batch,
+    to_batches,
     unpack_batch,
 )
 from recdistill.trainer.data.shards import ShardError, ShardSink, verify_group
@@ -57,11 +59,12 @@ def epoch_batches(
     stream.set_position(1, start)
     items, batches = [], 0
     # the stream runs on into the next epoch by itself: take this epoch's batches
+    # (asking for one item more would start the next epoch, whose reads run ahead of its batches)
     for item in iter_batches(make_loader(stream)):
-        if "item_ids" in item and batches == stream.steps_per_epoch() - start:
-            break
         items.append(item)
         batches += "item_ids" in item
+        if batches == stream.steps_per_epoch() - start:
+            break
     return (
         stream,
         [item for item in items if "item_ids" in item],
@@ -220,6 +223,74 @@ def test_to_batch_gathers_ragged_samples_hand_worked():
     unpacked = unpack_batch(pack_batch(batch))
     assert unpacked.keys() == batch.keys()
     assert all(unpacked[k].equal(batch[k]) and unpacked[k].dtype == batch[k].dtype for k in batch)
+
+
+def random_ragged(rng, samples: int, mode: str, even_hidden: bool) -> dict[str, np.ndarray]:
+    """A ragged set as `gather` makes it: items of 1-6, targets at every item (sequence) or the
+    last (prefix), 1 hidden row each or 0-3."""
+    items = rng.integers(1, 7, samples)
+    targets = items if mode == "sequence" else np.ones(samples, np.int64)
+    hidden = np.ones(samples, np.int64) if even_hidden else rng.integers(0, 4, samples)
+    hidden[0] = max(hidden[0], 1)
+    m = int(targets.sum())
+    return {
+        "counts_items": items,
+        "counts_targets": targets,
+        "counts_hidden": hidden,
+        "item_ids": rng.integers(1, 500, int(items.sum())).astype(np.uint16),
+        "targets": rng.integers(1, 500, m).astype(np.uint16),
+        "topk_ids": rng.integers(1, 500, (m, 3)).astype(np.uint16),
+        "topk_scores": rng.normal(size=(m, 3)).astype(np.float16),
+        "logsumexp": rng.normal(size=(m, 2)).astype(np.float32),
+        "target_logprob": rng.normal(size=m).astype(np.float32),
+        "hidden_positions": rng.integers(0, 6, int(hidden.sum())).astype(np.int32),
+        "hidden_2": rng.normal(size=(int(hidden.sum()), 4)).astype(np.float16),
+    }
+
+
+def ragged_slice(ragged: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    """Samples start..stop of a ragged set, field by field."""
+    groups = {"items": ("item_ids",), "hidden": ("hidden_positions", "hidden_2")}
+    out = {}
+    for group in ("items", "targets", "hidden"):
+        counts = ragged[f"counts_{group}"]
+        lo, hi = int(counts[:start].sum()), int(counts[:stop].sum())
+        out[f"counts_{group}"] = counts[start:stop]
+        names = groups.get(
+            group, ("targets", "topk_ids", "topk_scores", "logsumexp", "target_logprob")
+        )
+        out.update({name: ragged[name][lo:hi] for name in names})
+    return out
+
+
+@pytest.mark.parametrize("mode", ["sequence", "prefix"])
+@pytest.mark.parametrize("even_hidden", [True, False])
+def test_batches_split_at_once_equal_batches_made_one_by_one(mode, even_hidden):
+    ragged = random_ragged(np.random.default_rng(0), 12, mode, even_hidden)
+    together = to_batches(ragged, 4, mode)
+    assert len(together) == 3
+    for b, batch in enumerate(together):
+        alone = to_batch(ragged_slice(ragged, 4 * b, 4 * b + 4), mode)
+        assert batch.keys() == alone.keys()
+        for key in alone:
+            assert batch[key].dtype == alone[key].dtype, key
+            assert batch[key].equal(alone[key]), (b, key)
+    with pytest.raises(ValueError, match="not batches of 5"):
+        to_batches(ragged, 5, mode)
+
+
+def test_gathering_several_batches_at_once_changes_no_batch(tmp_path, monkeypatch):
+    manifest = write_shards(tmp_path / "s", [70, 50, 90, 40])
+    runs = {}
+    shards = manifest["shards"]
+    batch_bytes = 16 * sum(s["bytes"] for s in shards) / sum(s["count"] for s in shards)
+    for gather_batches in (1, 3, 8):
+        monkeypatch.setattr(shard_stream, "GATHER_BYTES", gather_batches * batch_bytes)
+        _, batches, _ = epoch_batches(tmp_path / "s", manifest, rank=1, workers=0, start=1)
+        runs[gather_batches] = [b["item_ids"] for b in batches]
+    assert len(runs[1]) == len(runs[8]) > 3
+    for gather_batches in (3, 8):
+        assert all(a.equal(b) for a, b in zip(runs[1], runs[gather_batches]))
 
 
 def test_cached_shards_give_the_same_batches_without_reading_again(tmp_path):

@@ -5,10 +5,11 @@ funnel it through rank 0): each rank reads only its own shards, and each DataLoa
 its part of those.
 
 A shard is read whole (one tar of columnar blocks, trainer/data/shards.py) into `ShardColumns`;
-a batch is then one vectorised gather of its samples' rows (`take`, `to_batch`), never a Python
-loop over samples or positions. Batches carry the teacher's outputs only for the positions that
-have a target, flat over the batch ([M, ...], `target_positions` says where each sits in
-[B * L]), so nothing is padded that the losses would mask out again.
+a batch is then one vectorised gather of its samples' rows (`gather`, `to_batches`; several
+batches at once), never a Python loop over samples or positions. Batches carry the teacher's
+outputs only for the positions that have a target, flat over the batch ([M, ...],
+`target_positions` says where each sits in [B * L]), so nothing is padded that the losses would
+mask out again.
 
 Two modes:
 - "exact": every epoch shuffles the shard order (seeded by epoch), deals shards to ranks and
@@ -47,6 +48,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from recdistill.trainer.data.shards import ShardError, read_blocks, row_group
 
 log = logging.getLogger(__name__)
+
+# Batches are gathered and split several at once, about this many shard bytes together (at most
+# 16 batches): one set of numpy calls for several small batches, whose per-call overhead costs
+# more than their bytes; large batches go one at a time (bigger gathers fall out of the CPU cache).
+GATHER_BYTES = 2_000_000
 
 
 def plan_epoch(
@@ -126,6 +132,17 @@ def gather(parts: list[tuple[ShardColumns, np.ndarray]]) -> dict[str, np.ndarray
     return out
 
 
+def trim(parts: list[tuple[ShardColumns, np.ndarray]], count: int) -> list:
+    """The first `count` samples of (columns, indices) parts."""
+    out = []
+    for columns, indices in parts:
+        if count <= 0:
+            break
+        out.append((columns, indices[:count]))
+        count -= len(indices)
+    return out
+
+
 def hidden_tensor(values: np.ndarray, scale: np.ndarray | None) -> torch.Tensor:
     """Hidden-state rows as a tensor in their stored precision (float16, or bfloat16 from its
     uint16 bits): `batch_to_device` widens them to float32 on the device, which halves what the
@@ -138,31 +155,49 @@ def hidden_tensor(values: np.ndarray, scale: np.ndarray | None) -> torch.Tensor:
 
 
 def to_batch(ragged: dict[str, np.ndarray], mode: str) -> dict[str, torch.Tensor]:
-    """Tensors of a batch of B samples.
+    """Tensors of a batch of B samples (the ragged set of exactly B samples): `to_batches`."""
+    return to_batches(ragged, len(ragged["counts_items"]), mode)[0]
+
+
+def to_batches(
+    ragged: dict[str, np.ndarray], batch_size: int, mode: str
+) -> list[dict[str, torch.Tensor]]:
+    """Tensors of the batches of `batch_size` consecutive samples of a ragged set (whose size is
+    a multiple of it). The index arithmetic of all of them is done at once over the set, and each
+    batch's tensors are views into the set's arrays: for small batches the count of numpy calls
+    per batch, not the bytes, is what bounds a loader.
 
     Item ids travel as stored (uint16 for catalogues below 65,536 items, else int32), positions
     and lengths as int32, hidden states and top-K scores in their stored half precision: a
     quarter to half the bytes through worker IPC and host-to-device copies; `batch_to_device`
     widens every integer to int64 and every half to float32 on the device.
-    item_ids [B, L] (0-padded) and lengths [B]; per target position, flat over the batch:
-    target_positions [M] (index into B * L), targets [M], teacher_topk_ids [M, K],
-    teacher_topk_scores [M, K], teacher_logsumexp [M, T], teacher_target_logprob [M];
-    with hidden states: hidden_positions / hidden_mask [B, P] and hidden_LAYER [B, P, H].
-    Targets sit at the last positions of each sample (sequence mode: all of them; prefix mode:
-    the last item).
+    Each batch: item_ids [B, L] (0-padded, L its longest sample) and lengths [B]; per target
+    position, flat over the batch: target_positions [M] (index into B * L), targets [M],
+    teacher_topk_ids [M, K], teacher_topk_scores [M, K], teacher_logsumexp [M, T],
+    teacher_target_logprob [M]; with hidden states: hidden_positions / hidden_mask [B, P] and
+    hidden_LAYER [B, P, H]. Targets sit at the last positions of each sample (sequence mode: all
+    of them; prefix mode: the last item).
     """
     item_counts, target_counts = ragged["counts_items"], ragged["counts_targets"]
-    batch, width = len(item_counts), int(item_counts.max())
-    rows, cols = ragged_coords(item_counts)
-    item_ids = np.zeros((batch, width), dtype=ragged["item_ids"].dtype)
-    item_ids[rows, cols] = ragged["item_ids"]
+    n_batches = len(item_counts) // batch_size
+    if n_batches * batch_size != len(item_counts):
+        raise ValueError(f"{len(item_counts)} samples are not batches of {batch_size}")
+    widths = item_counts.reshape(n_batches, batch_size).max(1)  # [n_batches]
+    # batch b's padded [B, widths[b]] ids sit at item_starts[b] of one flat array
+    item_starts = np.concatenate([[0], np.cumsum(widths * batch_size)])
+    sample, col = ragged_coords(item_counts)  # of every item of the set
+    batch_of, row = np.divmod(sample, batch_size)
+    padded_ids = np.zeros(int(item_starts[-1]), dtype=ragged["item_ids"].dtype)
+    padded_ids[item_starts[batch_of] + row * widths[batch_of] + col] = ragged["item_ids"]
     if np.array_equal(target_counts, item_counts):  # sequence mode: a target at every item
-        target_positions = rows * width + cols
+        target_positions = row * widths[batch_of] + col
     else:
-        target_rows, index = ragged_coords(target_counts)
-        target_positions = target_rows * width + (item_counts - target_counts)[target_rows] + index
-    out = {
-        "item_ids": torch.from_numpy(item_ids),
+        target_sample, index = ragged_coords(target_counts)
+        target_batch, target_row = np.divmod(target_sample, batch_size)
+        first_target = (item_counts - target_counts)[target_sample]
+        target_positions = target_row * widths[target_batch] + first_target + index
+    whole = {
+        "item_ids": torch.from_numpy(padded_ids),
         "lengths": torch.from_numpy(item_counts.astype(np.int32)),
         "target_positions": torch.from_numpy(target_positions.astype(np.int32)),
         "targets": torch.from_numpy(ragged["targets"]),
@@ -171,18 +206,49 @@ def to_batch(ragged: dict[str, np.ndarray], mode: str) -> dict[str, torch.Tensor
         "teacher_logsumexp": torch.from_numpy(ragged["logsumexp"]),
         "teacher_target_logprob": torch.from_numpy(ragged["target_logprob"]),
     }
-    if "counts_hidden" in ragged:
-        out.update(hidden_batch(ragged, item_counts, mode))
-    return out
+    # each group's row bounds at every batch boundary
+    bounds = {
+        group.removeprefix("counts_"): np.concatenate([[0], np.cumsum(counts)])[::batch_size]
+        for group, counts in ragged.items()
+        if group.startswith("counts_")
+    }
+    hidden = (
+        hidden_batches(ragged, item_counts, mode, batch_size) if "counts_hidden" in ragged else None
+    )
+    batches = []
+    for b in range(n_batches):
+        samples = slice(b * batch_size, (b + 1) * batch_size)
+        targets = slice(bounds["targets"][b], bounds["targets"][b + 1])
+        batch = {
+            "item_ids": whole["item_ids"][item_starts[b] : item_starts[b + 1]].view(
+                batch_size, int(widths[b])
+            ),
+            "lengths": whole["lengths"][samples],
+        }
+        batch.update({key: whole[key][targets] for key in TARGET_FIELDS})
+        if hidden is not None:
+            batch.update(hidden(samples, slice(bounds["hidden"][b], bounds["hidden"][b + 1])))
+        batches.append(batch)
+    return batches
 
 
-def hidden_batch(
-    ragged: dict[str, np.ndarray], item_counts: np.ndarray, mode: str
-) -> dict[str, torch.Tensor]:
-    """hidden_positions / hidden_mask [B, P] and hidden_LAYER [B, P, H], P the most hidden
-    positions any sample has (zero rows where a sample has fewer)."""
+TARGET_FIELDS = (
+    "target_positions",
+    "targets",
+    "teacher_topk_ids",
+    "teacher_topk_scores",
+    "teacher_logsumexp",
+    "teacher_target_logprob",
+)
+
+
+def hidden_batches(
+    ragged: dict[str, np.ndarray], item_counts: np.ndarray, mode: str, batch_size: int
+):
+    """hidden(samples, rows): for the batch of these samples and hidden rows of the set,
+    hidden_positions / hidden_mask [B, P] and hidden_LAYER [B, P, H], P the most hidden positions
+    any of its samples has (zero rows where a sample has fewer)."""
     hidden_counts = ragged["counts_hidden"]
-    batch, slots = len(hidden_counts), int(hidden_counts.max())
     # prefix mode stores the backbone's last position (after the prompt): the student's matching
     # position is its last item.
     positions = (
@@ -190,33 +256,46 @@ def hidden_batch(
         if mode == "sequence"
         else np.repeat(item_counts - 1, hidden_counts)
     ).astype(np.int32)
-    if (hidden_counts == slots).all():  # every sample has P rows (the usual case): reshapes only
-        out = {
-            "hidden_positions": torch.from_numpy(positions.reshape(batch, slots)),
-            "hidden_mask": torch.ones((batch, slots), dtype=torch.bool),
+    layers = {
+        key: hidden_tensor(ragged[key], ragged.get(f"{key}_scale"))  # [rows, H]
+        for key in ragged
+        if key.startswith("hidden_") and not key.endswith("_scale") and key != "hidden_positions"
+    }
+    slots = int(hidden_counts.max()) if len(hidden_counts) else 0
+    if (hidden_counts == slots).all():  # every sample has P rows (the usual case): views only
+        n_samples = len(hidden_counts)
+        all_positions = torch.from_numpy(positions.reshape(n_samples, slots))
+        all_layers = {
+            key: values.view(n_samples, slots, values.shape[1]) for key, values in layers.items()
         }
 
-        def place(values: torch.Tensor) -> torch.Tensor:
-            return values.reshape(batch, slots, -1)
+        def even(samples: slice, rows: slice) -> dict[str, torch.Tensor]:
+            out = {
+                "hidden_positions": all_positions[samples],
+                "hidden_mask": torch.ones((batch_size, slots), dtype=torch.bool),
+            }
+            out.update({key: values[samples] for key, values in all_layers.items()})
+            return out
 
-    else:
-        hidden_rows, slot = ragged_coords(hidden_counts)
-        padded = np.zeros((batch, slots), dtype=np.int32)
-        padded[hidden_rows, slot] = positions
-        mask = np.zeros((batch, slots), dtype=bool)
+        return even
+
+    def scattered(samples: slice, rows: slice) -> dict[str, torch.Tensor]:
+        counts = hidden_counts[samples]
+        width = int(counts.max())
+        hidden_rows, slot = ragged_coords(counts)
+        padded = np.zeros((batch_size, width), dtype=np.int32)
+        padded[hidden_rows, slot] = positions[rows]
+        mask = np.zeros((batch_size, width), dtype=bool)
         mask[hidden_rows, slot] = True
         out = {"hidden_positions": torch.from_numpy(padded), "hidden_mask": torch.from_numpy(mask)}
+        at = (torch.from_numpy(hidden_rows), torch.from_numpy(slot))
+        for key, values in layers.items():
+            states = values.new_zeros((batch_size, width, values.shape[1]))
+            states[at] = values[rows]
+            out[key] = states
+        return out
 
-        def place(values: torch.Tensor) -> torch.Tensor:
-            states = values.new_zeros((batch, slots, values.shape[1]))
-            states[torch.from_numpy(hidden_rows), torch.from_numpy(slot)] = values
-            return states
-
-    for key in ragged:
-        if not key.startswith("hidden_") or key.endswith("_scale") or key == "hidden_positions":
-            continue
-        out[key] = place(hidden_tensor(ragged[key], ragged.get(f"{key}_scale")))  # [B, P, H]
-    return out
+    return scattered
 
 
 # ---- moving batches: worker -> training process -> device -------------------------------------
@@ -444,25 +523,42 @@ class TeacherShardStream(IterableDataset):
                     yield columns, np.asarray(indices)
 
     def _batches(self, runs, limit: int | None, skipped: list[str], pack: bool):
-        """Batches of `batch_size` samples from (columns, indices) runs; markers for skips."""
+        """Batches of `batch_size` samples from (columns, indices) runs; markers for skips.
+        Several batches are gathered and split at once (`to_batches`, GATHER_BYTES)."""
         parts, have, made = [], 0, 0
+        shards = self.manifest["shards"]
+        sample_bytes = sum(s["bytes"] for s in shards) / max(1, sum(s["count"] for s in shards))
+        batch_bytes = self.batch_size * sample_bytes
+        at_once = int(min(16, max(1, GATHER_BYTES // batch_bytes)))
+
+        def wanted() -> int:  # samples of the next gather
+            batches = at_once if limit is None else min(at_once, limit - made)
+            return batches * self.batch_size
+
+        def split(parts: list, count: int):
+            ragged = gather(parts)
+            for batch in to_batches(ragged, self.batch_size, self.sample_mode)[:count]:
+                yield pack_batch(batch) if pack else batch
+
+        target = wanted()
         for columns, indices in runs:
             if skipped:  # a marker, not a batch: the job counts and logs it
                 yield {"skipped_shards": list(skipped)}
                 skipped.clear()
             while len(indices):
-                chunk, indices = (
-                    indices[: self.batch_size - have],
-                    indices[self.batch_size - have :],
-                )
+                chunk, indices = indices[: target - have], indices[target - have :]
                 parts.append((columns, chunk))
                 have += len(chunk)
-                if have == self.batch_size:
-                    batch = to_batch(gather(parts), self.sample_mode)
-                    yield pack_batch(batch) if pack else batch
-                    parts, have, made = [], 0, made + 1
+                if have == target:
+                    yield from split(parts, target // self.batch_size)
+                    made += target // self.batch_size
+                    parts, have = [], 0
                     if limit is not None and made >= limit:
                         return
+                    target = wanted()
+        if have >= self.batch_size:  # the runs ended first: the full batches gathered so far
+            full = have // self.batch_size * self.batch_size
+            yield from split(trim(parts, full), full // self.batch_size)
         if skipped:
             yield {"skipped_shards": list(skipped)}
 
