@@ -85,6 +85,46 @@ def loader_rates(
     }
 
 
+def loader_parts(shard_dir: Path, manifest: dict, batch_size: int, epochs: int) -> dict:
+    """Where the in-process loader's time goes: each part alone over the same shards, in MB/s of
+    shard bytes. `read_decode`: TeacherShardStream.read_shard (tar headers, one read() per block,
+    checksum, array views); `assemble`: the stream's batching of shards already decoded (gathers
+    and `to_batches`); `read_keep` / `read_drop`: the files read whole and kept until the epoch
+    ends (fresh memory for every file, as a loader that holds a shard until it is gathered) or
+    dropped at once (the raw read's case: the allocator hands the same warm pages back)."""
+    stream = TeacherShardStream(shard_dir, manifest, 0, 1, batch_size, 0, seed=0)
+    shards = manifest["shards"]
+    files = [shard_dir / shard["file"] for shard in shards]
+    megabytes = sum(shard["bytes"] for shard in shards) * epochs / 1e6
+    columns = [stream.read_shard(shard) for shard in shards]  # also warms the page cache
+
+    def rate(epoch_work) -> float:
+        started = time.perf_counter()
+        for _ in range(epochs):
+            epoch_work()
+        return megabytes / (time.perf_counter() - started)
+
+    def assemble() -> None:
+        runs = ((c, np.random.default_rng(0).permutation(len(c))) for c in columns)
+        for _ in stream._batches(runs, None, [], pack=False):
+            pass
+
+    def read_keep() -> None:
+        kept = [path.read_bytes() for path in files]
+        del kept
+
+    def read_drop() -> None:
+        for path in files:
+            path.read_bytes()
+
+    return {
+        "read_decode_mb_per_s": rate(lambda: [stream.read_shard(shard) for shard in shards]),
+        "assemble_mb_per_s": rate(assemble),
+        "read_keep_mb_per_s": rate(read_keep),
+        "read_drop_mb_per_s": rate(read_drop),
+    }
+
+
 def collate_format1(samples: list[dict[str, np.ndarray]], mode: str) -> dict[str, torch.Tensor]:
     """The format-1 loader's collate, row by row into [B, L, ...] (kept here as the baseline)."""
     batch = len(samples)
@@ -157,6 +197,7 @@ def measure(shard_dir: Path, batch_size: int, workers: list[int], epochs: int) -
     baseline = format1_rates(shard_dir, manifest, batch_size, epochs)
     cold = cold_read_mb_per_s(files)
     raw = raw_read_mb_per_s(files, passes=epochs)  # the same bytes as each loader run
+    parts = loader_parts(shard_dir, manifest, batch_size, epochs)
     best_per_worker = max(entry["positions_per_s_per_worker"] for entry in loaders)
     return {
         "shards": str(shard_dir),
@@ -170,6 +211,7 @@ def measure(shard_dir: Path, batch_size: int, workers: list[int], epochs: int) -
         "raw_read_mb_per_s": raw,
         "cold_read_mb_per_s": cold,
         "loaders": loaders,
+        "in_process_parts": parts,
         "format1_loader": baseline,
         "positions_per_s_per_worker_vs_format1": best_per_worker / baseline["positions_per_s"],
         "in_process_mb_per_s_vs_raw_read": next(
@@ -227,6 +269,14 @@ def markdown(result: dict) -> list[str]:
         f"Bytes per target position: {result['bytes_per_position']:.1f} (format 1: "
         f"{result['format1_bytes_per_position']:.1f}, ratio {result['bytes_per_position_vs_format1']:.2f}); "
         f"best positions/s per worker vs format 1: {result['positions_per_s_per_worker_vs_format1']:.1f}x.",
+    ]
+    parts = result["in_process_parts"]
+    lines += [
+        "",
+        "In-process loader, each part alone (MB/s of shard bytes): reading and decoding the "
+        f"shards {parts['read_decode_mb_per_s']:,.0f}, assembling batches from decoded shards "
+        f"{parts['assemble_mb_per_s']:,.0f}; the files read whole and kept until the epoch "
+        f"ends {parts['read_keep_mb_per_s']:,.0f}, dropped at once {parts['read_drop_mb_per_s']:,.0f}.",
     ]
     return lines
 
