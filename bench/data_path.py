@@ -11,7 +11,9 @@ worker process (0 workers = reading in the training process, counted as one). Th
 reading the same files whole with read() (warm page cache: the physical limit of this machine
 for bytes already in memory). The format-1 baseline writes the same samples as earlier versions
 did (one safetensors blob per sample) and reads them as they did: webdataset's tar reader, a
-per-sample decode and a row-by-row collate, in the training process.
+per-sample decode and a row-by-row collate, in the training process. Last, each part of the
+in-process loader alone (`loader_parts`): reading and decoding shards, assembling batches from
+decoded shards, and reading the files into memory that is kept vs dropped at once.
 """
 
 from __future__ import annotations
