@@ -103,7 +103,15 @@ def excludes_seen(scale: dict) -> bool:
 def write_job_config(
     base: str, overrides: list[str], defaults: dict, settings: dict, path: Path
 ) -> Path:
-    """The job's config: its base file, the scale's overrides, then this run's settings."""
+    """The job's config: its base file, the scale's overrides, then this run's settings (an
+    override of a key the run sets itself would be silently replaced: refused)."""
+    clashing = sorted({o.split("=", 1)[0].strip() for o in overrides} & set(settings))
+    if clashing:
+        raise SystemExit(
+            f"bench: {', '.join(clashing)} in the scale's overrides would be replaced by the "
+            f"benchmark's own setting for this run ({path.name}); set it through the scale's "
+            "datasets / rows instead (e.g. max_len, item_features, features: false)"
+        )
     config = load_config(ROOT / base, overrides, defaults)
     for dotted, value in settings.items():
         section = config

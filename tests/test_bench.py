@@ -448,6 +448,9 @@ def test_changed_scale_is_refused_not_reused(tmp_path):
     with pytest.raises(SystemExit, match=r"train\.lr: 0\.005 -> 0\.001.*--work NEW_FOLDER"):
         write(["train.lr=0.001"])
     assert config_path.read_text() == written  # the earlier record is kept
+    # an override of a key the run sets itself (here the seed) would be replaced: refused
+    with pytest.raises(SystemExit, match=r"train\.seed in the scale's overrides"):
+        write(["train.lr=0.005", "train.seed = 3"])
     # an option the earlier version did not have is not a change
     assert quality.differences({"a": 1}, {"a": 1, "new_option": None}) == []
 
