@@ -10,6 +10,9 @@ features and SASRec tables.
 Each row of the scale file's `teacher_ablation` list is the scale's teacher with changes: its own
 `overrides` (after the scale's), with or without the item features (`features`) and with or without
 the ID table of a plain SASRec trained first (`item_table`: E4SRec's and SLMRec's teacher input).
+An override of a key the benchmark sets itself (data.max_len, the seed, the paths, and
+model.item_features / model.item_embeddings when `features` / `item_table` is on) is refused, not
+silently replaced; other item features go in with `features` off and `model.item_features=FILE`.
 Every row trains with the real job scripts through bench/quality.py's stages, under
 WORK/DATASET/ablation/ROW_sSEED (finished runs are reused; an edited row is refused, as in
 quality.py). The plain SASRec of the same seed (the item-table run, trained without a teacher) is
