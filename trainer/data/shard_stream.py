@@ -132,17 +132,6 @@ def gather(parts: list[tuple[ShardColumns, np.ndarray]]) -> dict[str, np.ndarray
     return out
 
 
-def trim(parts: list[tuple[ShardColumns, np.ndarray]], count: int) -> list:
-    """The first `count` samples of (columns, indices) parts."""
-    out = []
-    for columns, indices in parts:
-        if count <= 0:
-            break
-        out.append((columns, indices[:count]))
-        count -= len(indices)
-    return out
-
-
 def hidden_tensor(values: np.ndarray, scale: np.ndarray | None) -> torch.Tensor:
     """Hidden-state rows as a tensor in their stored precision (float16, or bfloat16 from its
     uint16 bits): `batch_to_device` widens them to float32 on the device, which halves what the
@@ -523,8 +512,10 @@ class TeacherShardStream(IterableDataset):
                     yield columns, np.asarray(indices)
 
     def _batches(self, runs, limit: int | None, skipped: list[str], pack: bool):
-        """Batches of `batch_size` samples from (columns, indices) runs; markers for skips.
-        Several batches are gathered and split at once (`to_batches`, GATHER_BYTES)."""
+        """Batches of `batch_size` samples from (columns, indices) runs, at most `limit`; markers
+        for skips. Several batches are gathered and split at once (`to_batches`, GATHER_BYTES);
+        the runs of an exact epoch always hold `limit` batches, and samples beyond them are left out
+        of that epoch (every worker makes the same number of batches)."""
         parts, have, made = [], 0, 0
         shards = self.manifest["shards"]
         sample_bytes = sum(s["bytes"] for s in shards) / max(1, sum(s["count"] for s in shards))
@@ -535,9 +526,8 @@ class TeacherShardStream(IterableDataset):
             batches = at_once if limit is None else min(at_once, limit - made)
             return batches * self.batch_size
 
-        def split(parts: list, count: int):
-            ragged = gather(parts)
-            for batch in to_batches(ragged, self.batch_size, self.sample_mode)[:count]:
+        def split(parts: list):
+            for batch in to_batches(gather(parts), self.batch_size, self.sample_mode):
                 yield pack_batch(batch) if pack else batch
 
         target = wanted()
@@ -550,15 +540,12 @@ class TeacherShardStream(IterableDataset):
                 parts.append((columns, chunk))
                 have += len(chunk)
                 if have == target:
-                    yield from split(parts, target // self.batch_size)
+                    yield from split(parts)
                     made += target // self.batch_size
                     parts, have = [], 0
                     if limit is not None and made >= limit:
                         return
                     target = wanted()
-        if have >= self.batch_size:  # the runs ended first: the full batches gathered so far
-            full = have // self.batch_size * self.batch_size
-            yield from split(trim(parts, full), full // self.batch_size)
         if skipped:
             yield {"skipped_shards": list(skipped)}
 
