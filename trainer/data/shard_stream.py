@@ -389,6 +389,10 @@ class TeacherShardStream(IterableDataset):
         self.cache_bytes = int(cache_mb * 1e6)
         self._cache: dict[str, ShardColumns] = {}
         self._cached = 0
+        # batches gathered at once: about GATHER_BYTES of shard bytes, 1 to 16
+        shards = manifest["shards"]
+        sample_bytes = sum(s["bytes"] for s in shards) / max(1, sum(s["count"] for s in shards))
+        self.gather_batches = int(min(16, max(1, GATHER_BYTES // (batch_size * sample_bytes))))
         if len(manifest["shards"]) < world:
             raise ShardError(
                 f"{self.shard_dir}: {len(manifest['shards'])} shards for {world} ranks; write smaller shards"
@@ -517,12 +521,9 @@ class TeacherShardStream(IterableDataset):
         the runs of an exact epoch always hold `limit` batches, and samples beyond them are left out
         of that epoch (every worker makes the same number of batches)."""
         parts, have, made = [], 0, 0
-        shards = self.manifest["shards"]
-        sample_bytes = sum(s["bytes"] for s in shards) / max(1, sum(s["count"] for s in shards))
-        batch_bytes = self.batch_size * sample_bytes
-        at_once = int(min(16, max(1, GATHER_BYTES // batch_bytes)))
 
         def wanted() -> int:  # samples of the next gather
+            at_once = self.gather_batches
             batches = at_once if limit is None else min(at_once, limit - made)
             return batches * self.batch_size
 
