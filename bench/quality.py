@@ -290,13 +290,27 @@ def item_encoder(scale: dict, work: Path) -> Path:
     return folder
 
 
-def item_features(scale: dict, name: str, spec: dict, data_dir: Path, data_root: Path, work: Path):
-    """The teacher's item features for a dataset with `item_features` in the scale file
-    (trainer/item_features.py: text through the encoder, or attributes), made once; else None."""
-    source = spec.get("item_features")
+def item_features(
+    scale: dict,
+    name: str,
+    spec: dict,
+    data_dir: Path,
+    data_root: Path,
+    work: Path,
+    source: dict | None = None,
+) -> Path | None:
+    """The teacher's item features for a dataset with `item_features` in the scale file (or the
+    `source` given instead), made once with trainer/item_features.py: text through the encoder,
+    attributes, and with `other_users: true` the co-occurrence embeddings of the users the
+    dataset's sample left out (`other_users_data`), side by side; else None."""
+    source = spec.get("item_features") if source is None else source
     if not source:
         return None
-    out = work / name / "item_features.safetensors"
+    unknown = set(source) - {"text", "id_column", "text_columns", "attributes", "other_users"}
+    if unknown:
+        raise SystemExit(f"bench: {name}: item_features has unknown keys {sorted(unknown)}")
+    other_users = bool(source.get("other_users"))
+    out = work / name / f"item_features{'_other_users' if other_users else ''}.safetensors"
     if out.is_file():
         return out
     args = ["--data", str(data_dir), "--out", str(out)]
@@ -308,11 +322,37 @@ def item_features(scale: dict, name: str, spec: dict, data_dir: Path, data_root:
             "--encoder",
             str(item_encoder(scale, work)),
         ]
-    else:
+    if "attributes" in source:
         args += ["--attributes", str(data_root / source["attributes"])]
+    if other_users:
+        args += ["--interactions", str(other_users_data(name, spec, data_root, work))]
     command = [sys.executable, "trainer/item_features.py", *args]
-    run_job(command, work / name / "logs/item_features.log", {}, scale.get("job_timeout_s"))
+    run_job(command, work / name / f"logs/{out.stem}.log", {}, scale.get("job_timeout_s"))
     return out
+
+
+def other_users_data(name: str, spec: dict, data_root: Path, work: Path) -> Path:
+    """The users the dataset's `sample_users` left out, prepared as a data folder of their own
+    (5-core, whole histories): what the teacher knows of the items from elsewhere, as a
+    pretrained LLM does, and none of the sampled users' interactions."""
+    if not spec.get("sample_users"):
+        raise SystemExit(f"bench: {name}: item_features.other_users needs sample_users")
+    folder = work / name / "other_users"
+    if (folder / "data" / "stats.json").is_file():
+        return folder / "data"
+    sampled = work / name / f"sample_{spec['sample_users']}_users.txt"  # prepare() wrote it
+    chosen = {line.split(maxsplit=1)[0] for line in sampled.read_text().splitlines() if line}
+    lines = (data_root / spec["path"]).read_text().splitlines(keepends=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "log.txt").write_text(
+        "".join(line for line in lines if line.strip() and line.split(maxsplit=1)[0] not in chosen)
+    )
+    command = [
+        sys.executable, "trainer/prepare_data.py", "--format", spec["format"],
+        "--input", str(folder / "log.txt"), "--output", str(folder / "data"), "--max-seq-len", "0",
+    ]  # fmt: skip
+    run_job(command, work / name / "logs/item_features_other_users_prepare.log", {})
+    return folder / "data"
 
 
 def train_teacher(

@@ -3,13 +3,15 @@
     python bench/teacher_ablation.py --scale teacher_sweep_gpu --seeds 0 --jobs 12   # one GPU
     python bench/teacher_ablation.py --scale teacher_sweep_cpu --work runs/bench_cpu_sasrec  # CPU
 
-teacher_sweep_cpu is the CPU benchmark's own teacher and scale (2 ranks of 32) with three rows at
+teacher_sweep_cpu is the CPU benchmark's own teacher and scale (2 ranks of 32) with four rows at
 three seeds, one teacher at a time; pointed at the cpu_sasrec work folder it reuses its data, item
 features and SASRec tables.
 
 Each row of the scale file's `teacher_ablation` list is the scale's teacher with changes: its own
-`overrides` (after the scale's), with or without the item features (`features`) and with or without
-the ID table of a plain SASRec trained first (`item_table`: E4SRec's and SLMRec's teacher input).
+`overrides` (after the scale's), with or without the item features (`features`: true for the
+dataset's `item_features`, or a mapping merged into them, e.g. `{other_users: true}` for the
+co-occurrence embeddings of the users the dataset's sample left out) and with or without the ID
+table of a plain SASRec trained first (`item_table`: E4SRec's and SLMRec's teacher input).
 An override of a key the benchmark sets itself (data.max_len, the seed, the paths, and
 model.item_features / model.item_embeddings when `features` / `item_table` is on) is refused, not
 silently replaced; other item features go in with `features` off and `model.item_features=FILE`.
@@ -51,7 +53,13 @@ def prepare_dataset(
     """The dataset's prepared data, item features and, per seed, the plain SASRec whose table the
     E4SRec rows start from (the reference of the report)."""
     data_dir = quality.prepare(scale, name, spec, data_root, work)
-    features = quality.item_features(scale, name, spec, data_dir, data_root, work)
+    features = {}  # each row's item features (row_features: key -> file)
+    for row in scale["teacher_ablation"]:
+        source = row_features(row, spec)
+        if source is not None and feature_key(source) not in features:
+            features[feature_key(source)] = quality.item_features(
+                scale, name, spec, data_dir, data_root, work, source
+            )
     reference_scale = {**scale, "teacher_item_table": scale.get("teacher_item_table", "sasrec")}
 
     def table(seed: int) -> Path:
@@ -74,7 +82,7 @@ def train_row(scale: dict, name: str, spec: dict, work: Path, inputs: dict, row,
             inputs["data"],
             seed,
             work,
-            inputs["features"] if row.get("features") else None,
+            row_feature_file(inputs["features"], row, spec),
             inputs["tables"][seed] if row.get("item_table") else None,
             run_name=f"ablation/{slug(row['name'])}_s{seed}",
             extra_overrides=tuple(row.get("overrides", [])),
@@ -119,6 +127,26 @@ def run_all(scale: dict, datasets: dict, data_root: Path, work: Path, seeds, job
             print(f"teacher_ablation: {name} / {row_name} / seed {seed}: {said}", flush=True)
             report_to(results)
     return results
+
+
+def row_features(row: dict, spec: dict) -> dict | None:
+    """The item feature sources of a row's teacher: none, the dataset's, or theirs with the
+    row's `features` mapping merged in."""
+    wanted = row.get("features")
+    if not wanted:
+        return None
+    if not spec.get("item_features"):
+        raise SystemExit(f"bench: row {row['name']!r} wants item features; the dataset has none")
+    return {**spec["item_features"], **(wanted if isinstance(wanted, dict) else {})}
+
+
+def feature_key(source: dict) -> str:
+    return json.dumps(source, sort_keys=True)
+
+
+def row_feature_file(files: dict, row: dict, spec: dict) -> Path | None:
+    source = row_features(row, spec)
+    return None if source is None else files[feature_key(source)]
 
 
 def read_metrics(run_dir: Path) -> dict:
@@ -169,7 +197,8 @@ def markdown(report: dict) -> str:
 def describe(row: dict) -> str:
     parts = [*row.get("overrides", [])]
     if row.get("features"):
-        parts.append("item features")
+        other = isinstance(row["features"], dict) and row["features"].get("other_users")
+        parts.append("item features" + (" and other users' co-occurrence" if other else ""))
     if row.get("item_table"):
         parts.append("SASRec item table")
     return ", ".join(f"`{p}`" if "=" in p else p for p in parts) or "the scale's teacher as is"

@@ -128,6 +128,42 @@ def test_tuning_picks_the_best_validation_candidate_and_every_seed_uses_it(tmp_p
     assert choice["chosen"] == 1 and choice["candidates"][1]["valid_ndcg@10"] == 0.3
 
 
+def test_other_users_features_come_from_the_users_the_sample_left_out(tmp_path):
+    data_root, work = tmp_path / "data", tmp_path / "work"
+    (data_root / "toy").mkdir(parents=True)
+    _markov_log(data_root / "toy/log.txt", users=120, items=30)
+    attributes = {str(item): [item % 4] for item in range(1, 31)}
+    (data_root / "toy/attrs.json").write_text(json.dumps(attributes))
+    spec = {
+        "path": "toy/log.txt", "format": "lines", "sample_users": 50, "max_len": 10,
+        "item_features": {"attributes": "toy/attrs.json"},
+    }  # fmt: skip
+    scale = {"name": "toy", "job_timeout_s": 600}
+    data_dir = quality.prepare({**scale, "exclude_seen": True}, "toy", spec, data_root, work)
+    row = {"name": "cooc", "features": {"other_users": True}}
+    source = teacher_ablation.row_features(row, spec)
+    assert source == {"attributes": "toy/attrs.json", "other_users": True}
+    features = quality.item_features(scale, "toy", spec, data_dir, data_root, work, source)
+    assert features.name == "item_features_other_users.safetensors"
+    from recdistill.trainer.data.pipeline import load_sequences
+
+    splits, stats = load_sequences(data_dir)
+    sampled = set(splits["test"]["user"])
+    others = set(load_sequences(work / "toy/other_users/data")[0]["test"]["user"])
+    assert sampled and others and not sampled & others  # none of the sampled users' interactions
+    assert len(sampled | others) <= 120
+    table = load_file(str(features))["features"]
+    assert table.shape == (stats["items"] + 1, 4 + stats["items"])  # attributes, then the SVD
+    plain = quality.item_features(scale, "toy", spec, data_dir, data_root, work)
+    assert plain.name == "item_features.safetensors"  # the dataset's own sources, a file apart
+    assert load_file(str(plain))["features"].shape[1] == 4
+    assert teacher_ablation.row_features({"name": "ids"}, spec) is None
+    with pytest.raises(SystemExit, match=r"unknown keys \['other_user'\]"):
+        quality.item_features(scale, "toy", spec, data_dir, data_root, work, {"other_user": True})
+    with pytest.raises(SystemExit, match="needs sample_users"):
+        quality.other_users_data("toy", {**spec, "sample_users": None}, data_root, work)
+
+
 def test_teacher_ablation_report_marks_the_validation_choice_and_failed_rows():
     rows = [
         {"name": "features", "features": True},

