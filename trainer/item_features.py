@@ -221,8 +221,9 @@ def interaction_features(
 def svd_rows(matrix: torch.Tensor, dim: int) -> np.ndarray:
     """Rows of U sqrt(S), L2-normalised, of the rank-`dim` SVD of a sparse square matrix; an
     all-zero row stays zero (the randomised SVD leaves rounding noise there)."""
-    torch.manual_seed(0)  # the randomised SVD's projection: the same file from the same input
-    u, s, _ = torch.svd_lowrank(matrix, q=min(dim, matrix.shape[0] - 1), niter=6)
+    with torch.random.fork_rng():  # a seeded projection (same input, same file), caller's RNG kept
+        torch.manual_seed(0)
+        u, s, _ = torch.svd_lowrank(matrix, q=min(dim, matrix.shape[0] - 1), niter=6)
     rows = torch.nn.functional.normalize(u * s.sqrt(), dim=1)
     has_entries = torch.zeros(matrix.shape[0], dtype=torch.bool)
     has_entries[matrix.coalesce().indices()[0]] = True
