@@ -82,10 +82,16 @@ def parse_args(argv=None):
     )
     parser.add_argument("--max-tokens", type=int, default=64, help="--text: tokens kept per text")
     parser.add_argument(
-        "--window", type=int, default=3, help="--interactions: positions apart that co-occur"
+        "--window",
+        type=int,
+        default=3,
+        help="--interactions: most positions apart that co-occur (default 3)",
     )
     parser.add_argument(
-        "--dim", type=int, default=64, help="--interactions: columns of the embedding (SVD rank)"
+        "--dim",
+        type=int,
+        default=64,
+        help="--interactions: columns of the embedding, the SVD rank (default 64)",
     )
     args = parser.parse_args(argv)
     if not (args.text or args.attributes or args.interactions):
