@@ -311,7 +311,16 @@ def item_features(
         raise SystemExit(f"bench: {name}: item_features has unknown keys {sorted(unknown)}")
     other_users = bool(source.get("other_users"))
     out = work / name / f"item_features{'_other_users' if other_users else ''}.safetensors"
+    # One file per name, its sources recorded beside it: other sources under the same name are
+    # refused, not handed the old file (a file from before the record is taken as it is).
+    record = out.with_suffix(".json")
+    if record.is_file() and json.loads(record.read_text()) != source:
+        raise SystemExit(
+            f"bench: {out} was made from {record.read_text().strip()}, not {json.dumps(source)}; "
+            f"delete it (and {record.name}) or pass --work NEW_FOLDER"
+        )
     if out.is_file():
+        record.write_text(json.dumps(source) + "\n")
         return out
     args = ["--data", str(data_dir), "--out", str(out)]
     if "text" in source:
@@ -328,6 +337,7 @@ def item_features(
         args += ["--interactions", str(other_users_data(name, spec, data_root, work))]
     command = [sys.executable, "trainer/item_features.py", *args]
     run_job(command, work / name / f"logs/{out.stem}.log", {}, scale.get("job_timeout_s"))
+    record.write_text(json.dumps(source) + "\n")
     return out
 
 

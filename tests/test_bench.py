@@ -158,6 +158,9 @@ def test_other_users_features_come_from_the_users_the_sample_left_out(tmp_path):
     assert plain.name == "item_features.safetensors"  # the dataset's own sources, a file apart
     assert load_file(str(plain))["features"].shape[1] == 4
     assert teacher_ablation.row_features({"name": "ids"}, spec) is None
+    with pytest.raises(SystemExit, match="was made from .*; delete it"):
+        other = {"attributes": "toy/attrs.json", "other_users": True, "text": "toy/t.tsv"}
+        quality.item_features(scale, "toy", spec, data_dir, data_root, work, other)
     with pytest.raises(SystemExit, match=r"unknown keys \['other_user'\]"):
         quality.item_features(scale, "toy", spec, data_dir, data_root, work, {"other_user": True})
     with pytest.raises(SystemExit, match="needs sample_users"):
