@@ -379,16 +379,19 @@ def train_teacher(
     work: Path,
     features: Path | None = None,
     item_table: Path | None = None,
+    extra_dirs: tuple[Path, ...] = (),
     run_name: str | None = None,
     extra_overrides: tuple[str, ...] = (),
 ) -> Path:
     """One teacher job at `seed` (run folder teacher_sSEED, or `run_name`), with the scale's
-    overrides, the dataset's, then `extra_overrides`."""
+    overrides, the dataset's, then `extra_overrides`; `extra_dirs` train it too (other users)."""
     run_name = run_name or f"teacher_s{seed}"
     run_dir = work / name / run_name
     feature_setting = {"model.item_features": str(features)} if features else {}
     if item_table:
         feature_setting["model.item_embeddings"] = str(item_table / "final")
+    if extra_dirs:
+        feature_setting["data.extra_dirs"] = [str(folder) for folder in extra_dirs]
     config = write_job_config(
         scale["teacher"]["config"],
         [*scale["teacher"]["overrides"], *spec.get("teacher_overrides", []), *extra_overrides],
@@ -951,12 +954,18 @@ def main(argv=None) -> int:
             data_dir = prepare(scale, name, spec, data_root, work)
             progress.update()
             features = item_features(scale, name, spec, data_dir, data_root, work)
+            # a teacher that has seen more of the log than the students: the users the sample
+            # left out train it too
+            other_users = scale.get("teacher_other_users")
+            extra_dirs = (other_users_data(name, spec, data_root, work),) if other_users else ()
             teacher_runs = []
             for seed in seeds:
                 progress.set_postfix_str(f"{name} teacher {seed}")
                 item_table = pretrain_item_table(scale, name, spec, data_dir, seed, work)
                 teacher_runs.append(
-                    train_teacher(scale, name, spec, data_dir, seed, work, features, item_table)
+                    train_teacher(
+                        scale, name, spec, data_dir, seed, work, features, item_table, extra_dirs
+                    )
                 )
                 progress.update()
             progress.set_postfix_str(f"{name} precompute")

@@ -3,15 +3,18 @@
     python bench/teacher_ablation.py --scale teacher_sweep_gpu --seeds 0 --jobs 12   # one GPU
     python bench/teacher_ablation.py --scale teacher_sweep_cpu --work runs/bench_cpu_sasrec  # CPU
 
-teacher_sweep_cpu is the CPU benchmark's own teacher and scale (2 ranks of 32) with four rows at
+teacher_sweep_cpu is the CPU benchmark's own teacher and scale (2 ranks of 32) with five rows at
 three seeds, one teacher at a time; pointed at the cpu_sasrec work folder it reuses its data, item
 features and SASRec tables.
 
 Each row of the scale file's `teacher_ablation` list is the scale's teacher with changes: its own
 `overrides` (after the scale's), with or without the item features (`features`: true for the
 dataset's `item_features`, or a mapping merged into them, e.g. `{other_users: true}` for the
-co-occurrence embeddings of the users the dataset's sample left out) and with or without the ID
-table of a plain SASRec trained first (`item_table`: E4SRec's and SLMRec's teacher input).
+co-occurrence embeddings of the users the dataset's sample left out), with or without the ID
+table of a plain SASRec trained first (`item_table`: E4SRec's and SLMRec's teacher input), and
+with `other_users: true` trained on those left-out users' sequences too (data.extra_dirs): a
+teacher that has seen more of the log than the students, none of the evaluated users' held-out
+items among it.
 An override of a key the benchmark sets itself (data.max_len, the seed, the paths, and
 model.item_features / model.item_embeddings when `features` / `item_table` is on) is refused, not
 silently replaced; other item features go in with `features` off and `model.item_features=FILE`.
@@ -65,10 +68,14 @@ def prepare_dataset(
     def table(seed: int) -> Path:
         return quality.pretrain_item_table(reference_scale, name, spec, data_dir, seed, work)
 
+    wants_users = any(row.get("other_users") for row in scale["teacher_ablation"])
     return {
         "data": data_dir,
         "features": features,
         "tables": dict(zip(seeds, pool.map(table, seeds))),
+        "other_users": quality.other_users_data(name, spec, data_root, work)
+        if wants_users
+        else None,
     }
 
 
@@ -86,6 +93,8 @@ def train_row(scale: dict, name: str, spec: dict, work: Path, inputs: dict, row,
             inputs["tables"][seed] if row.get("item_table") else None,
             run_name=f"ablation/{slug(row['name'])}_s{seed}",
             extra_overrides=tuple(row.get("overrides", [])),
+            # the users the sample left out train the teacher too
+            extra_dirs=(inputs["other_users"],) if row.get("other_users") else (),
         )
     except SystemExit as failure:  # one failed row is reported, the others go on
         return {"error": str(failure).splitlines()[-1]}
@@ -201,6 +210,8 @@ def describe(row: dict) -> str:
         parts.append("item features" + (" and other users' co-occurrence" if other else ""))
     if row.get("item_table"):
         parts.append("SASRec item table")
+    if row.get("other_users"):
+        parts.append("also trained on the users the sample left out")
     return ", ".join(f"`{p}`" if "=" in p else p for p in parts) or "the scale's teacher as is"
 
 

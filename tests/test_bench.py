@@ -165,6 +165,20 @@ def test_other_users_features_come_from_the_users_the_sample_left_out(tmp_path):
         quality.item_features(scale, "toy", spec, data_dir, data_root, work, {"other_user": True})
     with pytest.raises(SystemExit, match="needs sample_users"):
         quality.other_users_data("toy", {**spec, "sample_users": None}, data_root, work)
+    # the same users train a teacher too (teacher_other_users / a row's other_users): the config
+    # names their folder, and the teacher job takes it (no evaluated user among them)
+    from recdistill.trainer.teacher import extra_sequences
+
+    final = work / "toy/teacher_s0/final"
+    final.mkdir(parents=True)
+    (final / "metrics.json").write_text("{}")  # a finished run: only the config is written
+    teacher_scale = {**scale, "teacher": {"config": "configs/teacher_demo.yaml", "overrides": []}}
+    others_dir = quality.other_users_data("toy", spec, data_root, work)
+    quality.train_teacher(teacher_scale, "toy", spec, data_dir, 0, work, extra_dirs=(others_dir,))
+    config = yaml.safe_load((work / "toy/configs/teacher_s0.yaml").read_text())
+    assert config["data"]["extra_dirs"] == [str(others_dir)]
+    extra = extra_sequences(str(data_dir), config["data"]["extra_dirs"])
+    assert 0 < len(extra) <= len(others) and all(len(items) >= 2 for items in extra)
 
 
 def test_teacher_ablation_report_marks_the_validation_choice_and_failed_rows():

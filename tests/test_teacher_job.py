@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from recdistill.models.teacher import LLMRecTeacher
+from recdistill.trainer.config import ConfigError
 from recdistill.trainer.data.batches import prefix_batch
 from recdistill.trainer.data.pipeline import load_sequences
 from recdistill.trainer.metrics import finalize, metric_sums
+from recdistill.trainer.teacher import build_examples, extra_sequences
 
-from .conftest import launch, losses_by_step
+from .conftest import ROOT, launch, losses_by_step
 
 CONFIG = "configs/teacher_demo.yaml"
 
@@ -157,3 +163,42 @@ def test_killed_run_resumes_with_the_same_losses(short_runs):
     for step in range(7, 13):  # the steps redone after the checkpoint of step 6
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6), step
     assert (short_runs / "killed/final/model.safetensors").is_file()
+
+
+def prepare_lines(folder, lines: list[str]):
+    """A prepared data folder from a `lines` log (user then items in order), nothing filtered."""
+    folder.mkdir()
+    (folder / "log.txt").write_text("\n".join(lines) + "\n")
+    subprocess.run(
+        [sys.executable, str(ROOT / "trainer/prepare_data.py"), "--format", "lines",
+         "--input", str(folder / "log.txt"), "--output", str(folder / "data"),
+         "--min-user-interactions", "1", "--min-item-interactions", "1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return folder / "data"
+
+
+def test_extra_dirs_train_other_users_in_this_vocabulary(tmp_path):
+    data = prepare_lines(tmp_path / "own", ["u1 a b c d", "u2 b c d e"])
+    other = prepare_lines(tmp_path / "other", ["u8 a x b e", "u9 x y c", "u7 e d c b a"])
+    splits, _ = load_sequences(data)
+    ids = dict(zip(*[pq.read_table(data / "item_map.parquet")[c].to_pylist()
+                     for c in ("raw_item", "item_id")]))  # fmt: skip
+    a, b, c, d, e = (ids[raw] for raw in "abcde")
+    # whole sequences (test history + target), x and y unknown here so dropped, u9 left with
+    # one item: no training pair; users in the folder's order (sorted by raw id)
+    assert extra_sequences(str(data), [str(other)]) == [[e, d, c, b, a], [a, b, e]]
+    examples = build_examples(splits, {"max_len": 3, "mode": "sequence"}, [[e, d, c, b, a]])
+    assert examples == [[a, b], [b, c], [d, c, b, a]]  # own train splits, then the last 4 of u7
+    shared = prepare_lines(tmp_path / "shared", ["u2 a b c", "u3 c d e"])
+    with pytest.raises(ConfigError, match="1 of its users are in data.dir too.*'u2'"):
+        extra_sequences(str(data), [str(shared)])
+    result = subprocess.run(
+        [sys.executable, "trainer/teacher.py", "--config", CONFIG, "--check",
+         f"data.dir={data}", f"train.output_dir={tmp_path / 'run'}",
+         f"data.extra_dirs=[{other}]"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )  # fmt: skip
+    assert result.returncode == 0 and "2 users (+2 from data.extra_dirs)" in result.stdout, (
+        result.stdout + result.stderr
+    )

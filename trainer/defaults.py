@@ -12,6 +12,9 @@ TEACHER: dict = {
         "mode": "sequence",  # sequence | prefix
         "prefixes": "last:5",  # prefix mode: which history prefixes of each user train (all, last:N, window:S)
         "max_len": 50,  # most recent items fed to the model
+        # other prepared folders whose users' whole sequences also train (items matched by raw
+        # id, ones outside data.dir's vocabulary dropped); none of data.dir's users may be there
+        "extra_dirs": [],
     },
     "model": {
         "backbone": {},  # HF config dict for a backbone built from scratch (tests, demo)

@@ -42,13 +42,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from recdistill.trainer.data.formats import DataError
-from recdistill.trainer.data.pipeline import ITEM_MAP_FILE
+from recdistill.trainer.data.pipeline import item_vocabulary, whole_sequences
 from recdistill.trainer.errors import JobError
 from recdistill.trainer.shutdown import run_and_exit
 
@@ -100,15 +99,6 @@ def parse_args(argv=None):
     if args.window < 1 or args.dim < 1:
         parser.error(f"--window {args.window} and --dim {args.dim} must be at least 1")
     return args
-
-
-def vocabulary(data_dir: Path) -> dict[str, int]:
-    """raw item id (string) -> vocabulary id 1..N."""
-    path = data_dir / ITEM_MAP_FILE
-    if not path.is_file():
-        raise DataError(f"{data_dir}: no {ITEM_MAP_FILE}; run trainer/prepare_data.py first")
-    table = pq.read_table(path).to_pydict()
-    return dict(zip(table["raw_item"], table["item_id"]))
 
 
 def read_texts(path: Path, id_column: str, text_columns: list[str]) -> dict[str, str]:
@@ -208,16 +198,8 @@ def interaction_features(
 ) -> tuple[np.ndarray, dict[str, int]]:
     """Rows U sqrt(S) of the rank-`dim` SVD of the co-occurrence PPMI of `folder`'s sequences,
     by `vocab` id (items `vocab` lacks are dropped; ones `folder` lacks stay zero), normalised."""
-    from recdistill.trainer.data.pipeline import load_sequences
-
-    splits, _ = load_sequences(folder)
-    other = vocabulary(folder)
-    to_vocab = np.zeros(max(other.values(), default=0) + 1, np.int64)  # folder id -> vocab id
-    for raw, item_id in other.items():
-        to_vocab[item_id] = vocab.get(raw, 0)
-    test = splits["test"]  # each user's whole sequence: the test history and its target
-    sequences = [[*history, target] for history, target in zip(test["history"], test["target"])]
-    items = to_vocab[np.asarray([i for s in sequences for i in s], np.int64)]
+    _, sequences = whole_sequences(folder, vocab)
+    items = np.concatenate(sequences) if sequences else np.zeros(0, np.int64)
     users = np.repeat(np.arange(len(sequences)), [len(s) for s in sequences])
     ppmi = cooccurrence_ppmi(items, users, len(vocab) + 1, window)
     features = svd_rows(ppmi, dim)
@@ -241,7 +223,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.out.exists():
         raise JobError(f"--out {args.out}: exists; choose a new file (nothing is overwritten)")
-    vocab = vocabulary(args.data)
+    vocab = item_vocabulary(args.data)
     made = []  # (source, (features, counts)) in the file's column order
     if args.text is not None:
         text = f"text {args.text} ({' '.join(args.text_columns)}) via {args.encoder}"

@@ -50,7 +50,12 @@ from recdistill.trainer.data.batches import (
     select_prefixes,
     sequence_batch,
 )
-from recdistill.trainer.data.pipeline import ITEM_MAP_FILE, load_sequences
+from recdistill.trainer.data.pipeline import (
+    ITEM_MAP_FILE,
+    item_vocabulary,
+    load_sequences,
+    whole_sequences,
+)
 from recdistill.trainer.deepspeed_host import init_distributed, local_world_size
 from recdistill.trainer.defaults import TEACHER as DEFAULTS
 from recdistill.trainer.evaluation import (
@@ -115,17 +120,54 @@ def check_inputs(cfg: dict, resume: bool) -> str:
     if model_cfg["prompt"]["tokenizer"]:
         existing_dir(model_cfg["prompt"]["tokenizer"], "model.prompt.tokenizer")
     fresh_or_resumed(output_dir, "train.output_dir", resume)
+    extra = extra_sequences(cfg["data"]["dir"], cfg["data"]["extra_dirs"])
     backbone = model_cfg["backbone_path"] or model_cfg["backbone"].get("model_type", "config")
-    return f"{cfg['data']['dir']}: {stats['users']} users, {stats['items']} items; {backbone} teacher -> {output_dir}"
+    users = f"{stats['users']} users" + (f" (+{len(extra)} from data.extra_dirs)" if extra else "")
+    return (
+        f"{cfg['data']['dir']}: {users}, {stats['items']} items; {backbone} teacher -> {output_dir}"
+    )
 
 
 # ---- parts ---------------------------------------------------------------------------------
 
 
-def build_examples(splits, data_cfg: dict) -> list:
-    """Training examples for the mode: whole windows (sequence) or (prefix, next item) pairs."""
+def extra_sequences(data_dir: str, extra_dirs: list) -> list[list[int]]:
+    """The whole sequences of the users in `data.extra_dirs`, in data.dir's item ids (matched by
+    raw id; items data.dir lacks are dropped). More users to learn the items from than the
+    students see, as an LLM teacher brings knowledge from elsewhere. A folder sharing a user with
+    data.dir is refused: that user's validation and test items would train the teacher."""
+    if not extra_dirs:
+        return []
+    if not isinstance(extra_dirs, list):
+        raise ConfigError(f"data.extra_dirs {extra_dirs!r}: a list of prepared data folders")
+    splits, _ = load_sequences(data_dir)
+    own_users, vocab = set(splits["train"]["user"]), item_vocabulary(data_dir)
+    sequences = []
+    for folder in extra_dirs:
+        data_stats(folder, "data.extra_dirs")
+        users, folder_sequences = whole_sequences(folder, vocab)
+        shared = own_users.intersection(users)
+        if shared:
+            raise ConfigError(
+                f"data.extra_dirs {folder}: {len(shared)} of its users are in data.dir too (e.g. "
+                f"{min(shared)!r}); their held-out items would train the teacher"
+            )
+        kept = [items[items > 0].tolist() for items in folder_sequences]
+        kept = [items for items in kept if len(items) >= 2]
+        if not kept:
+            raise ConfigError(
+                f"data.extra_dirs {folder}: no user with two items of data.dir's vocabulary"
+            )
+        sequences += kept
+    return sequences
+
+
+def build_examples(splits, data_cfg: dict, extra: list | None = None) -> list:
+    """Training examples for the mode: whole windows (sequence) or (prefix, next item) pairs, from
+    the training split and the `extra` sequences (extra_sequences)."""
     max_len = data_cfg["max_len"]
     train_items = [items for items in splits["train"]["items"] if len(items) >= 2]
+    train_items += extra or []
     if data_cfg["mode"] == "sequence":
         train = [items[-(max_len + 1) :] for items in train_items]
     else:
@@ -425,7 +467,8 @@ def main(argv=None) -> int:
     dist.barrier()
 
     splits, stats = load_sequences(data_cfg["dir"])
-    train_examples = build_examples(splits, data_cfg)
+    extra = extra_sequences(data_cfg["dir"], data_cfg["extra_dirs"])
+    train_examples = build_examples(splits, data_cfg, extra)
     max_len, exclude_history = data_cfg["max_len"], train_cfg["eval_exclude_history"]
     valid_examples, valid_seen = eval_split(splits, "valid", max_len, exclude_history)
     test_split = eval_split(splits, "test", max_len, exclude_history)

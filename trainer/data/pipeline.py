@@ -404,3 +404,28 @@ def load_sequences(data_dir: str | Path):
         )
     stats = json.loads((data_dir / STATS_FILE).read_text())
     return load_from_disk(str(data_dir / DATASET_DIR)), stats
+
+
+def item_vocabulary(data_dir: str | Path) -> dict[str, int]:
+    """raw item id (string) -> the folder's item id 1..N."""
+    path = Path(data_dir) / ITEM_MAP_FILE
+    if not path.is_file():
+        raise DataError(f"{data_dir}: no {ITEM_MAP_FILE}; run trainer/prepare_data.py first")
+    table = pq.read_table(path).to_pydict()
+    return dict(zip(table["raw_item"], table["item_id"]))
+
+
+def whole_sequences(data_dir: str | Path, vocab: dict[str, int]) -> tuple[list, list[np.ndarray]]:
+    """Another prepared folder's users and each one's whole sequence (its test history and
+    target) in `vocab`'s ids, matched by raw item id; an item `vocab` lacks becomes 0."""
+    splits, _ = load_sequences(data_dir)
+    own = item_vocabulary(data_dir)
+    to_vocab = np.zeros(max(own.values(), default=0) + 1, np.int64)  # folder id -> vocab id
+    for raw, item_id in own.items():
+        to_vocab[item_id] = vocab.get(raw, 0)
+    test = splits["test"]
+    sequences = [
+        to_vocab[np.asarray([*history, target], np.int64)]
+        for history, target in zip(test["history"], test["target"])
+    ]
+    return test["user"], sequences
