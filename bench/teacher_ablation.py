@@ -3,7 +3,7 @@
     python bench/teacher_ablation.py --scale teacher_sweep_gpu --seeds 0 --jobs 12   # one GPU
     python bench/teacher_ablation.py --scale teacher_sweep_cpu --work runs/bench_cpu_sasrec  # CPU
 
-teacher_sweep_cpu is the CPU benchmark's own teacher and scale (2 ranks of 32) with five rows at
+teacher_sweep_cpu is the CPU benchmark's own teacher and scale (2 ranks of 32) with six rows at
 three seeds, one teacher at a time; pointed at the cpu_sasrec work folder it reuses its data, item
 features and SASRec tables.
 
