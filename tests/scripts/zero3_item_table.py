@@ -8,6 +8,7 @@ import deepspeed
 import torch
 
 from recdistill.models.teacher import LLMRecTeacher, TeacherConfig, import_backbone_modules
+from recdistill.trainer.shutdown import exit_after_cleanup
 
 deepspeed.init_distributed(dist_backend="gloo")
 config = TeacherConfig(
@@ -62,3 +63,6 @@ if torch.distributed.get_rank() == 0:
 # printing aborted the process at exit once ("terminate called without an active exception").
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
+# and skip the interpreter's teardown, which still aborted it once after all that (as the jobs do:
+# trainer/shutdown.py)
+exit_after_cleanup(0)
