@@ -224,19 +224,19 @@ def main(argv=None) -> int:
     if args.out.exists():
         raise JobError(f"--out {args.out}: exists; choose a new file (nothing is overwritten)")
     vocab = item_vocabulary(args.data)
-    made = []  # (source, (features, counts)) in the file's column order
+    made = []  # (source, features, counts) in the file's column order
     if args.text is not None:
         text = f"text {args.text} ({' '.join(args.text_columns)}) via {args.encoder}"
-        made.append((text, text_features(args, vocab)))
+        made.append((text, *text_features(args, vocab)))
     if args.attributes is not None:
-        made.append((f"attributes {args.attributes}", attribute_features(args.attributes, vocab)))
+        made.append((f"attributes {args.attributes}", *attribute_features(args.attributes, vocab)))
     if args.interactions is not None:
         block, counts = interaction_features(args.interactions, vocab, args.window, args.dim)
         dims = f"window {args.window}, {block.shape[1]} dims"
-        made.append((f"interactions {args.interactions} ({dims})", (block, counts)))
-    sources = [source for source, _ in made]
-    missing = [counts["missing"] for _, (_, counts) in made]
-    features = np.concatenate([block for _, (block, _) in made], axis=1)
+        made.append((f"interactions {args.interactions} ({dims})", block, counts))
+    sources = [source for source, _, _ in made]
+    missing = [counts["missing"] for _, _, counts in made]
+    features = np.concatenate([block for _, block, _ in made], axis=1)
     source = "; ".join(sources)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     scratch = args.out.with_name(args.out.name + ".tmp")
