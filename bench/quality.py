@@ -473,13 +473,7 @@ def train_student(
         )
     config = write_job_config(
         scale["distill"]["config"],
-        [
-            *scale["distill"]["overrides"],
-            *spec.get("distill_overrides", []),
-            *DISTILL_VARIANTS[f"student_{variant}"],
-            *tuned,
-            *student_section.get("overrides", []),
-        ],
+        distill_overrides(scale, spec, student, variant, tuned, group),
         DISTILL,
         settings,
         work / name / f"configs/{job}.yaml",
@@ -489,6 +483,23 @@ def train_student(
     command, env = distill_job(scale, config, resume=(run_dir / "checkpoints").is_dir())
     run_job(command, work / name / f"logs/{job}.log", env, scale.get("job_timeout_s"))
     return run_dir
+
+
+def distill_overrides(
+    scale: dict, spec: dict, student: str, variant: str, tuned: list[str], group: str = "students"
+) -> list[str]:
+    """A distill job's overrides, later ones winning: the scale's, the dataset's
+    `distill_overrides` (every distill job of it), its `student_overrides` (the report's students
+    only: not the teacher's item-table SASRec, whose schedule must not move the teacher), the
+    variant's, the tuned candidate's, then the student section's."""
+    return [
+        *scale["distill"]["overrides"],
+        *spec.get("distill_overrides", []),
+        *(spec.get("student_overrides", []) if group == "students" else []),
+        *DISTILL_VARIANTS[f"student_{variant}"],
+        *tuned,
+        *scale["students"][student].get("overrides", []),
+    ]
 
 
 def student_run_name(student: str, variant: str, seed: int, candidate: int | None) -> str:

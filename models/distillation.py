@@ -28,6 +28,7 @@ from recdistill.models.losses import (
     ranking_distillation,
     ranking_weights,
     sample_negatives,
+    softmax_ranking_distillation,
     student_logsumexp,
     topk_kl,
 )
@@ -56,6 +57,9 @@ LOSS_DEFAULTS: dict = {
         "consistency": "raw",  # raw (the code: indicator + 1e-8) | normalized
         "negative_term": "official",  # official: -log sigmoid(1 - s) | corrected: -log(1 - sigmoid(s))
         "negatives": "shared",  # shared: the row's one negative for all K | per_candidate
+        # bce (the code: sigmoid on each candidate plus the negative term) | softmax (the
+        # candidates as weighted targets of the catalogue softmax, for CE students)
+        "form": "bce",
     },
     # fuse: input (the code: the fused table feeds the sequence, scoring uses the student's own
     # table) | input_and_scoring (the fused table also scores)
@@ -237,8 +241,11 @@ class DistillationObjective(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         ranking = cfg["ranking"]
         # One negative per row, shared by BCE and the ranking term as in DLLM2Rec's code.
+        if ranking["form"] not in ("bce", "softmax"):
+            raise ValueError(f"loss.ranking.form {ranking['form']!r}: use bce or softmax")
+        sigmoid_ranking = ranking["enabled"] and ranking["form"] == "bce"
         wants_row_negative = cfg["next_item"] == "bce" or (
-            ranking["enabled"] and ranking["negatives"] == "shared"
+            sigmoid_ranking and ranking["negatives"] == "shared"
         )
         row_negative = self._negatives(batch, 1) if wants_row_negative else None  # [M, 1]
         student_ce = None
@@ -268,15 +275,6 @@ class DistillationObjective(nn.Module):
             k = ranking["k"]
             candidates = batch["teacher_topk_ids"][:, :k]  # [M, K]
             cand_scores = (reps[:, None, :] * table[candidates]).sum(-1)
-            if ranking["negatives"] == "shared":
-                negatives = row_negative  # [M, 1]
-            elif ranking["negatives"] == "per_candidate":
-                negatives = self._negatives(batch, k)  # [M, K]
-            else:
-                raise ValueError(
-                    f"loss.ranking.negatives {ranking['negatives']!r}: use shared or per_candidate"
-                )
-            neg_scores = (reps[:, None, :] * table[negatives]).sum(-1)
             own_top = catalogue_stats(
                 reps.detach(), table.detach(), k=k, chunk_size=cfg["chunk_size"]
             ).topk_ids
@@ -292,9 +290,19 @@ class DistillationObjective(nn.Module):
                 ranking["position_lambda"],
                 ranking["consistency"],
             )
-            per_row = ranking_distillation(
-                cand_scores, neg_scores, weights, ranking["negative_term"]
-            )
+            if sigmoid_ranking:
+                per_row = ranking_distillation(
+                    cand_scores,
+                    self._ranking_negative_scores(batch, reps, table, row_negative),
+                    weights,
+                    ranking["negative_term"],
+                )
+            else:
+                if student_ce is not None:  # CE = lse - target score: no second catalogue pass
+                    lse = student_ce + (reps * table[targets]).sum(-1)
+                else:
+                    lse = student_logsumexp(reps, table, 1.0, cfg["chunk_size"])
+                per_row = softmax_ranking_distillation(cand_scores, lse, weights)
             if dros["enabled"]:  # the code adds DROS for each candidate as a target, weighted
                 per_candidate = dros_loss(
                     catalogue, cand_scores, self.propensity[candidates], dros["beta"]
@@ -361,6 +369,19 @@ class DistillationObjective(nn.Module):
                 )
         terms["total"] = torch.stack(list(terms.values())).sum()
         return terms
+
+    def _ranking_negative_scores(self, batch, reps, table, row_negative) -> torch.Tensor:
+        """[M, 1] or [M, K] the student's scores of the ranking term's negatives."""
+        ranking = self.cfg["ranking"]
+        if ranking["negatives"] == "shared":
+            negatives = row_negative  # [M, 1]
+        elif ranking["negatives"] == "per_candidate":
+            negatives = self._negatives(batch, ranking["k"])  # [M, K]
+        else:
+            raise ValueError(
+                f"loss.ranking.negatives {ranking['negatives']!r}: use shared or per_candidate"
+            )
+        return (reps[:, None, :] * table[negatives]).sum(-1)
 
     @staticmethod
     def _at_hidden(batch: dict, reliable: torch.Tensor) -> torch.Tensor:

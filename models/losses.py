@@ -102,6 +102,20 @@ def ranking_distillation(
     return (weights.detach() * per_candidate).sum(1)
 
 
+def softmax_ranking_distillation(
+    cand_scores: torch.Tensor,  # [M, K] student scores of the teacher's candidates
+    student_lse: torch.Tensor,  # [M] the student's log-sum-exp over the whole catalogue
+    weights: torch.Tensor,  # [M, K]
+) -> torch.Tensor:
+    """sum_k w_k [-log softmax(s)_cand_k], [M]: the ranking term in a CE student's own loss.
+
+    DLLM2Rec writes the term in its students' training loss (BCE with a sampled negative); for a
+    student trained with the catalogue softmax the same importance weights become soft labels of
+    that softmax, so a candidate is raised against every item, not against one negative.
+    """
+    return (weights.detach() * (student_lse[:, None] - cand_scores)).sum(1)
+
+
 def item_propensity(target_counts: torch.Tensor) -> torch.Tensor:
     """DROS's per-item propensity from training-target counts [N + 1] (index 0 = padding):
     ((count + 1) / sum) ** 0.05, as DLLM2Rec's calcu_propensity_score."""

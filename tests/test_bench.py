@@ -370,7 +370,6 @@ def test_scale_files_make_valid_job_configs(scale_name, tmp_path):
     """Every job config a scale file produces loads under the job's strict defaults (unknown
     keys are errors), and the student options build each student: the GPU scale, which cannot
     run here, is at least well-formed."""
-    from recdistill.launcher.demo import DISTILL_VARIANTS
     from recdistill.models.release import block_dims, build_student
     from recdistill.trainer.config import load_config
     from recdistill.trainer.defaults import DISTILL, PRECOMPUTE, TEACHER
@@ -417,13 +416,7 @@ def test_scale_files_make_valid_job_configs(scale_name, tmp_path):
                 for i, tuned in enumerate([[], *quality.tune_candidates(scale, variant)]):
                     quality.write_job_config(
                         scale["distill"]["config"],
-                        [
-                            *scale["distill"]["overrides"],
-                            *spec.get("distill_overrides", []),
-                            *DISTILL_VARIANTS[f"student_{variant}"],
-                            *tuned,
-                            *section.get("overrides", []),
-                        ],
+                        quality.distill_overrides(scale, spec, student, variant, tuned),
                         DISTILL,
                         {"student.options": section["options"]},
                         tmp_path / f"{name}_{student}_{variant}_{i}.yaml",
@@ -431,6 +424,27 @@ def test_scale_files_make_valid_job_configs(scale_name, tmp_path):
                 loss = load_config(tmp_path / f"{name}_{student}_{variant}_0.yaml")["loss"]
                 if loss["alignment"]["enabled"] and loss["alignment"]["multi_supervision_weight"]:
                     assert len(block_dims(model)) > 1, (student, variant)
+
+
+def test_student_overrides_reach_the_students_and_not_the_teachers_item_table(tmp_path):
+    """A dataset's `student_overrides` (cpu_sasrec_more_users: 30 epochs on ML-1M) lengthen the
+    report's students; the item-table SASRec the teacher reads keeps the scale's schedule."""
+    scale = quality.load_scale("cpu_sasrec_more_users")
+    spec = scale["datasets"]["ml-1m"]
+    assert "train.epochs=30" in spec["student_overrides"]
+    paths = {"data": tmp_path / "data", "shards": tmp_path / "shards"}
+    epochs = {}
+    for group in ("students", quality.ITEM_TABLE_GROUP):
+        run_dir = tmp_path / "ml-1m" / group / "sasrec_plain_s0"
+        (run_dir / "final").mkdir(parents=True)
+        (run_dir / "final/metrics.json").write_text("{}")  # finished: only the config is written
+        quality.train_student(
+            scale, "ml-1m", spec, paths, "sasrec", "plain", 0, tmp_path, group=group
+        )
+        job = "sasrec_plain_s0" if group == "students" else f"{group}_sasrec_plain_s0"
+        config = yaml.safe_load((tmp_path / f"ml-1m/configs/{job}.yaml").read_text())
+        epochs[group] = config["train"]["epochs"]
+    assert epochs == {"students": 30, quality.ITEM_TABLE_GROUP: 12}
 
 
 def test_scale_extending_another_merges_appends_and_drops(tmp_path):

@@ -19,6 +19,7 @@ from recdistill.models.losses import (
     ranking_distillation,
     ranking_weights,
     sample_negatives,
+    softmax_ranking_distillation,
     topk_kl,
 )
 from recdistill.models.sasrec import SASRec, SASRecConfig
@@ -78,6 +79,19 @@ def test_ranking_distillation_official_and_corrected_negative_terms():
         -math.log(sigmoid(-0.5)) - math.log(1 - sigmoid(3.0))
     )
     assert per_candidate.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_softmax_ranking_form_hand_worked():
+    # a catalogue of 3 items scored [2, 0, -1]; candidates items 1 and 3 with weights 0.75 / 0.25
+    scores = [2.0, 0.0, -1.0]
+    lse = math.log(sum(math.exp(x) for x in scores))
+    value = softmax_ranking_distillation(
+        torch.tensor([[2.0, -1.0]]), torch.tensor([lse]), torch.tensor([[0.75, 0.25]])
+    )
+    expected = 0.75 * -math.log(math.exp(2.0) / math.exp(lse)) + 0.25 * -math.log(
+        math.exp(-1.0) / math.exp(lse)
+    )
+    assert value.item() == pytest.approx(expected, rel=1e-6)
 
 
 def official_dros(model_output, ps, target, beta):
@@ -257,6 +271,7 @@ def objective_with(**switches):
             {"alignment": {"enabled": True, "multi_supervision_weight": 0.5}},
             {"next_item", "align_cos", "align_l2", "multi_supervision"},
         ),
+        ({"ranking": {"enabled": True, "k": 4, "form": "softmax"}}, {"next_item", "ranking"}),
         ({"embedding": {"enabled": True}}, {"next_item"}),
         ({"dros": {"enabled": True}}, {"next_item", "dros"}),
         (
@@ -285,6 +300,25 @@ def test_ranking_weight_scales_the_term():
     torch.manual_seed(1)
     b = high(fake_batch())["ranking"]
     torch.testing.assert_close(b, 2 * a)
+
+
+@pytest.mark.parametrize("next_item", ["ce", "bce"])
+def test_softmax_ranking_form_weights_the_catalogue_cross_entropy_of_each_candidate(next_item):
+    # CE students reuse their CE's log-sum-exp, BCE students compute it: the same term either way
+    objective, cfg = objective_with(ranking={"enabled": True, "k": 4, "form": "softmax"})
+    cfg["next_item"] = next_item
+    objective.eval()
+    batch = fake_batch()
+    term = objective(batch)["ranking"]
+    out, table = objective.encode(batch["item_ids"], batch["lengths"])
+    reps = out.user_reps.flatten(0, 1)[batch["target_positions"]]
+    log_softmax = torch.log_softmax(reps @ table[1:].T, dim=-1)  # [M, N] items 1..N
+    candidates = batch["teacher_topk_ids"][:, :4]
+    own_top = (reps @ table[1:].T).topk(4).indices + 1
+    confidence = batch["teacher_logsumexp"][:, :1] - batch["teacher_topk_scores"][:, :4].float()
+    weights = ranking_weights(confidence, (candidates[:, :, None] == own_top[:, None]).any(-1))
+    expected = -(weights * log_softmax.gather(1, candidates - 1)).sum(1).mean()
+    torch.testing.assert_close(term, cfg["ranking"]["weight"] * expected)
 
 
 def test_reliability_keeps_only_rows_where_the_teacher_knows_the_target_better():
