@@ -17,8 +17,13 @@ from .conftest import ROOT
 def test_grid_candidates_official_value_first_and_none_for_untuned_variants():
     grid = tuning.load_grid()  # configs/tuning/grid.yaml
     dllm2rec = tuning.candidates(grid, "dllm2rec")
-    assert dllm2rec[0] == ["loss.embedding.weight=0.2", 'loss.reliability="none"']  # the code's
-    assert len(dllm2rec) == 6
+    # the code's: every rule on, the ranking term's BCE form, ed_weight 0.2
+    assert dllm2rec[0] == [
+        'loss.reliability="none"',
+        'loss.ranking.form="bce"',
+        "loss.embedding.weight=0.2",
+    ]
+    assert len(dllm2rec) == 8
     assert tuning.candidates(grid, "plain") == []
     assert tuning.candidates(grid, "paper_dllm2rec") == []  # the paper's row runs as its code
     # every override of every candidate loads under the distillation job's strict keys
@@ -74,6 +79,11 @@ def test_demo_tune_chooses_on_validation_and_the_distill_stage_uses_it(tmp_path,
 
 def test_demo_without_its_own_tuning_uses_the_recorded_choice(tmp_path):
     recorded = yaml.safe_load(demo.DEMO_TUNING.read_text())["chosen"]
+    grid = tuning.load_grid()
+    for name, choice in recorded.items():  # the record is of today's grid, candidate for candidate
+        assert [c["overrides"] for c in choice["candidates"]] == tuning.candidates(
+            grid, name.removeprefix("student_")
+        ), f"configs/tuning/demo.yaml is of another grid: rerun `demo --tune` ({name})"
     for name in demo.DEMO_STUDENTS:
         overrides = demo.chosen_overrides(tmp_path, name)
         if name in recorded:
