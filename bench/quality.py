@@ -661,6 +661,32 @@ def popularity(scale: dict, name: str, base: Path) -> dict:
     return {m: metrics[m] for m in METRICS}
 
 
+# seconds.json's keys of each stage. The teacher's are its seed runs (teacher_s0, ...): a teacher
+# ablation sharing the work folder writes teacher_t1_s0 and the like, which are not this stage.
+JOB_STAGES = (
+    ("item features", "item_features"),
+    ("SASRec item tables", f"{ITEM_TABLE_GROUP}_"),
+    ("teacher", "teacher_s"),
+    ("precompute", "precompute"),
+)
+
+
+def stage_minutes(times: dict, students_wall: str) -> dict:
+    """Minutes per stage from seconds.json; the students' is the stage's wall time (its jobs may
+    run side by side), else the sum of the jobs no stage claims."""
+    minutes = {
+        stage: round(sum(v for k, v in times.items() if k.startswith(prefix)) / 60, 1)
+        for stage, prefix in JOB_STAGES
+        if any(k.startswith(prefix) for k in times)
+    }
+    claimed = ("prepare", "students_wall", "teacher_", *(prefix for _, prefix in JOB_STAGES))
+    student_seconds = times.get(students_wall) or sum(
+        v for k, v in times.items() if not k.startswith(claimed)
+    )
+    minutes["students"] = round(student_seconds / 60, 1)
+    return minutes
+
+
 def collect(
     scale: dict, name: str, work: Path, students: list, variants: list, seeds: list
 ) -> dict:
@@ -698,31 +724,14 @@ def collect(
             )
     record = base / "logs/seconds.json"
     times = json.loads(record.read_text()) if record.is_file() else {}
-    stages = (
-        ("item features", "item_features"),
-        ("SASRec item tables", f"{ITEM_TABLE_GROUP}_"),
-        ("teacher", "teacher_"),
-        ("precompute", "precompute"),
-    )
-    stage_minutes = {
-        stage: round(sum(v for k, v in times.items() if k.startswith(prefix)) / 60, 1)
-        for stage, prefix in stages
-        if any(k.startswith(prefix) for k in times)
-    }
-    # Wall time of the student stage: its jobs may run side by side (`student_jobs`).
-    student_seconds = times.get(students_wall_key(scale)) or sum(
-        v
-        for k, v in times.items()
-        if not k.startswith(("prepare", "students_wall", *(prefix for _, prefix in stages)))
-    )
-    stage_minutes["students"] = round(student_seconds / 60, 1)
+    minutes = stage_minutes(times, students_wall_key(scale))
     return {
         "data": {
             **{k: stats[k] for k in ("users", "items", "interactions")},
             "sampled_users": scale["datasets"][name].get("sample_users"),
             "max_len": scale["datasets"][name]["max_len"],
         },
-        "job_minutes": stage_minutes,
+        "job_minutes": minutes,
         "tuning": {
             row: choice
             for row, choice in choices.items()

@@ -447,6 +447,36 @@ def test_student_overrides_reach_the_students_and_not_the_teachers_item_table(tm
     assert epochs == {"students": 30, quality.ITEM_TABLE_GROUP: 12}
 
 
+def test_job_minutes_count_the_teachers_seed_runs_not_an_ablations():
+    """A teacher ablation sharing the work folder records teacher_t1_s0: not the teacher stage,
+    and not a student either; the student stage is its wall time when recorded."""
+    times = {
+        "prepare": 6.0,
+        "item_features": 30.0,
+        "item_table_sasrec_plain_s0": 60.0,
+        "teacher_s0": 120.0,
+        "teacher_s1": 180.0,
+        "teacher_t1_s0": 600.0,
+        "precompute": 12.0,
+        "sasrec_plain_s0": 90.0,
+        "sasrec_both_t1_s0": 150.0,
+    }
+    minutes = quality.stage_minutes(times, "students_wall_toy")
+    assert minutes == {
+        "item features": 0.5,
+        "SASRec item tables": 1.0,
+        "teacher": 5.0,
+        "precompute": 0.2,
+        "students": 4.0,
+    }
+    assert (
+        quality.stage_minutes({**times, "students_wall_toy": 180.0}, "students_wall_toy")[
+            "students"
+        ]
+        == 3.0
+    )
+
+
 def test_scale_extending_another_merges_appends_and_drops(tmp_path):
     """`extends`: mappings merge, overrides append (so later ones win), null drops a key; a
     chain of files resolves, a loop is refused, and the name is the extending file's."""
