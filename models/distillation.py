@@ -240,10 +240,10 @@ class DistillationObjective(nn.Module):
         reps, targets = out.user_reps.flatten(0, 1)[at], batch["targets"]  # [M, d], [M]
         terms: dict[str, torch.Tensor] = {}
         ranking = cfg["ranking"]
-        # One negative per row, shared by BCE and the ranking term as in DLLM2Rec's code.
         if ranking["form"] not in ("bce", "softmax"):
             raise ValueError(f"loss.ranking.form {ranking['form']!r}: use bce or softmax")
         sigmoid_ranking = ranking["enabled"] and ranking["form"] == "bce"
+        # One negative per row, shared by BCE and the ranking term as in DLLM2Rec's code.
         wants_row_negative = cfg["next_item"] == "bce" or (
             sigmoid_ranking and ranking["negatives"] == "shared"
         )
