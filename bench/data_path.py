@@ -3,14 +3,17 @@ against the raw read rate of the same files and against the format-1 loader on t
 
     python bench/data_path.py --shards runs/demo/shards              # any format-2 shard folder
     python bench/data_path.py --shards runs/bench_cpu/ml-1m/shards --workers 0 1 2
+    python bench/data_path.py --shards DIR --workers 0 --shard-size 1000   # the same samples, bigger shards
 
 For each loader setting, batches are drawn for --epochs epochs exactly as trainer/distill.py draws
-them (TeacherShardStream -> make_loader -> iter_batches; no model), the first batch left out
+them (TeacherShardStream -> make_loader -> iter_batches; no model), the first item left out
 (worker start-up). Reported: samples/s, target positions/s, MB/s of shard bytes, and the same per
-worker process (0 workers = reading in the training process, counted as one). The raw read rate is
-reading the same files whole into one reused buffer (`readinto`, warm page cache: the physical
-limit of this machine for bytes already in memory; a read() into new bytes depends on what the
-allocator hands back, 1.6 to 10 GB/s here for the same files). The format-1 baseline writes the
+worker process (0 workers = reading in the training process, counted as one). Then
+`shards.gather: device`, in the training process: the loader alone (it reads and checks the
+shards and yields GatherPlans, no batch made), and with the batches also assembled on --device
+(torch, DeviceGather). The raw read rate is reading the same files whole into one reused buffer
+(`readinto`, warm page cache: the physical limit of this machine for bytes already in memory; a
+read into new memory runs at the page-fault rate, 2-3 GB/s here). The format-1 baseline writes the
 same samples as earlier versions did (one safetensors blob per sample) and reads them as they did:
 webdataset's tar reader, a per-sample decode and a row-by-row collate, in the training process.
 Last, each part of the in-process loader alone (`loader_parts`): reading and decoding the shards
@@ -33,8 +36,20 @@ import torch
 import webdataset as wds
 
 from recdistill.trainer.data.legacy_shards import decode_sample, write_format1
-from recdistill.trainer.data.shard_stream import TeacherShardStream, iter_batches, make_loader
-from recdistill.trainer.data.shards import load_manifest
+from recdistill.trainer.data.shard_stream import (
+    GatherPlan,
+    TeacherShardStream,
+    iter_batches,
+    make_loader,
+)
+from recdistill.trainer.data.shards import (
+    MANIFEST,
+    ShardSink,
+    iter_samples,
+    load_manifest,
+    verify_group,
+    write_json_atomic,
+)
 
 
 def cold_read_mb_per_s(files: list[Path]) -> float | None:
@@ -63,24 +78,51 @@ def raw_read_mb_per_s(files: list[Path], passes: int) -> float:
     return total / (time.perf_counter() - started) / 1e6
 
 
+def plan_sizes(plan: GatherPlan) -> tuple[int, int]:
+    """(samples, target positions) of a GatherPlan, from the shards' counts."""
+    samples = sum(len(indices) for _, indices in plan.parts)
+    return samples, sum(int(columns.counts["targets"][i].sum()) for columns, i in plan.parts)
+
+
 def loader_rates(
-    shard_dir: Path, manifest: dict, batch_size: int, workers: int, epochs: int
+    shard_dir: Path,
+    manifest: dict,
+    batch_size: int,
+    workers: int,
+    epochs: int,
+    gather: str = "host",
+    device: str | None = None,
 ) -> dict:
-    stream = TeacherShardStream(shard_dir, manifest, 0, 1, batch_size, workers, seed=0)
+    """The loader's rates over `epochs` epochs. gather="device": the loader alone yields
+    GatherPlans (reading and checking shards, no batch made), or with `device` the batches are
+    also assembled there, as trainer/distill.py does with shards.gather=device."""
+    stream = TeacherShardStream(
+        shard_dir, manifest, 0, 1, batch_size, workers, seed=0, gather=gather
+    )
     batches = sum(stream.steps_per_epoch(epoch) for epoch in range(epochs))
-    iterator = iter_batches(make_loader(stream))
-    next(iterator)  # worker start-up and the first shard read are not the steady state
+    plans_only = gather == "device" and device is None
+    loader = make_loader(stream)
+    iterator = iter(loader) if plans_only else iter_batches(loader, device or "cpu")
+
+    def sizes(item) -> tuple[int, int]:  # (samples, target positions)
+        return plan_sizes(item) if plans_only else (len(item["lengths"]), len(item["targets"]))
+
+    # worker start-up and the first shard read are not the steady state
+    left = batches * batch_size - sizes(next(iterator))[0]
     started = time.perf_counter()
     samples = positions = 0
-    for _ in range(batches - 1):
-        batch = next(iterator)
-        samples += len(batch["lengths"])
-        positions += len(batch["targets"])
+    while samples < left:
+        taken, targets = sizes(next(iterator))
+        samples += taken
+        positions += targets
+    if device is not None and device.startswith("cuda"):
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     shard_bytes = manifest["bytes"] * samples / manifest["examples"]  # bytes behind these samples
     processes = max(1, workers)
     return {
         "workers": workers,
+        "gather": gather if device is None else f"{gather} ({device})",
         "samples_per_s": samples / seconds,
         "positions_per_s": positions / seconds,
         "mb_per_s": shard_bytes / seconds / 1e6,
@@ -98,7 +140,10 @@ def loader_parts(shard_dir: Path, manifest: dict, batch_size: int, epochs: int) 
     stream = TeacherShardStream(shard_dir, manifest, 0, 1, batch_size, 0, seed=0)
     shards = manifest["shards"]
     megabytes = sum(shard["bytes"] for shard in shards) * epochs / 1e6
-    columns = [stream.read_shard(shard) for shard in shards]  # also warms the page cache
+    # decoded once for `assemble` by a stream of its own: these stay alive, and would hold the
+    # timed stream's reusable read buffers
+    kept = TeacherShardStream(shard_dir, manifest, 0, 1, batch_size, 0, seed=0)
+    columns = [kept.read_shard(shard) for shard in shards]  # also warms the page cache
 
     def rate(epoch_work) -> float:
         started = time.perf_counter()
@@ -183,10 +228,18 @@ def format1_rates(shard_dir: Path, manifest: dict, batch_size: int, epochs: int)
     }
 
 
-def measure(shard_dir: Path, batch_size: int, workers: list[int], epochs: int) -> dict:
+def measure(
+    shard_dir: Path, batch_size: int, workers: list[int], epochs: int, device: str = "cpu"
+) -> dict:
     manifest = load_manifest(shard_dir)
     files = [shard_dir / s["file"] for s in manifest["shards"]]
     loaders = [loader_rates(shard_dir, manifest, batch_size, w, epochs) for w in workers]
+    # shards.gather=device: the loader alone (it reads in the training process), then with the
+    # batches assembled on `device`
+    loaders += [
+        loader_rates(shard_dir, manifest, batch_size, 0, epochs, "device", on)
+        for on in (None, device)
+    ]
     baseline = format1_rates(shard_dir, manifest, batch_size, epochs)
     cold = cold_read_mb_per_s(files)
     raw = raw_read_mb_per_s(files, passes=epochs)  # the same bytes as each loader run
@@ -209,6 +262,9 @@ def measure(shard_dir: Path, batch_size: int, workers: list[int], epochs: int) -
         "positions_per_s_per_worker_vs_format1": best_per_worker / baseline["positions_per_s"],
         "in_process_mb_per_s_vs_raw_read": next(
             (e["mb_per_s"] / raw for e in loaders if e["workers"] == 0), None
+        ),
+        "gather_device_loader_mb_per_s_vs_raw_read": next(
+            e["mb_per_s"] / raw for e in loaders if e["gather"] == "device"
         ),
         "in_process_mb_per_s_vs_cold_read": next(
             (e["mb_per_s"] / cold for e in loaders if e["workers"] == 0 and cold), None
@@ -248,15 +304,17 @@ def markdown(result: dict) -> list[str]:
             old["positions_per_s"],
         )
     )
+    names = {
+        "host": "format 2 (columnar blocks)",
+        "device": "format 2, `shards.gather: device`: reading and planning only",
+    }
     for entry in result["loaders"]:
-        lines.append(
-            row(
-                "format 2 (columnar blocks)",
-                str(entry["workers"] or "in process"),
-                entry,
-                entry["positions_per_s_per_worker"],
-            )
+        gather = entry.get("gather", "host")
+        name = names.get(
+            gather, f"format 2, `shards.gather: device`, batches made on {gather[8:-1]}"
         )
+        workers = str(entry["workers"] or "in process")
+        lines.append(row(name, workers, entry, entry["positions_per_s_per_worker"]))
     lines += [
         "",
         f"Bytes per target position: {result['bytes_per_position']:.1f} (format 1: "
@@ -273,6 +331,30 @@ def markdown(result: dict) -> list[str]:
     return lines
 
 
+def reshard(source: Path, output: Path, shard_size: int) -> None:
+    """The samples of `source`, in the same order, rewritten in shards of `shard_size` samples
+    (one group each, as trainer/precompute.py cuts them; the same block size): to measure what
+    the per-shard costs weigh at another shard size."""
+    manifest = load_manifest(source)
+    output.mkdir(parents=True)
+    sink = ShardSink(output, max_blocks=2**31, max_bytes=2**62, block_size=manifest["block_size"])
+    samples = (
+        sample for shard in manifest["shards"] for sample in iter_samples(source / shard["file"])
+    )
+    sizes = []
+    while len(sizes) * shard_size < manifest["examples"]:
+        sink.start_group(len(sizes))
+        sizes.append(min(shard_size, manifest["examples"] - len(sizes) * shard_size))
+        for _ in range(sizes[-1]):
+            sink.put(*next(samples))
+        sink.end_group()
+    sink.close()
+    shards = [shard for g, n in enumerate(sizes) for shard in verify_group(output, g, n)["shards"]]
+    bytes_ = sum(shard["bytes"] for shard in shards)
+    write_json_atomic(output / MANIFEST, {**manifest, "shards": shards, "bytes": bytes_})
+    (output / manifest["item_table"]).symlink_to((source / manifest["item_table"]).resolve())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -285,9 +367,26 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--epochs", type=int, default=10, help="epochs drawn per setting (default 10)"
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where shards.gather=device assembles the batches in its last row (default cpu)",
+    )
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        help="measure the same samples rewritten (in a temporary folder) in shards of this many",
+    )
     parser.add_argument("--output", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
-    result = measure(args.shards, args.batch_size, args.workers, args.epochs)
+    with tempfile.TemporaryDirectory() as scratch:
+        shards = args.shards
+        if args.shard_size:
+            shards = Path(scratch) / f"{args.shards.name}-{args.shard_size}"
+            reshard(args.shards, shards, args.shard_size)
+        result = measure(shards, args.batch_size, args.workers, args.epochs, args.device)
+    if args.shard_size:
+        result.update(shards=f"{args.shards} rewritten in shards of {args.shard_size}")
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
     print("\n".join(markdown(result)))

@@ -99,8 +99,10 @@ def data_path(
     workers: int | None,
     device: torch.device,
     repeats: int = 3,
+    gather: str = "host",
 ) -> dict:
-    """samples/s of the same training steps, batches streamed from shards vs held in memory."""
+    """samples/s of the same training steps, batches streamed from shards vs held in memory.
+    gather="device": batches assembled on `device` from the shards (shards.gather=device)."""
     cfg = load_config(both_config(work, student), [], DISTILL)
     workers = cfg["shards"]["workers"] if workers is None else workers
     shard_dir = work / "shards"
@@ -121,13 +123,13 @@ def data_path(
         """steps + 1 batches as trainer/distill.py draws them (one loader across epochs)."""
         stream = TeacherShardStream(
             shard_dir, manifest, 0, 1, batch_size, workers, seed=0,
-            cache_mb=cfg["shards"]["cache_mb"],
+            cache_mb=cfg["shards"]["cache_mb"], gather=gather,
         )  # fmt: skip
         if stream.steps_per_epoch() == 0:
             raise SystemExit(f"{shard_dir}: fewer samples than one batch of {batch_size}")
         loader = make_loader(stream, pin_memory=device.type == "cuda")
         made = 0
-        for batch in iter_batches(loader):
+        for batch in iter_batches(loader, device):
             if "skipped_shards" in batch:
                 continue
             yield batch
@@ -181,6 +183,7 @@ def data_path(
         "repeats": repeats,
         "batch_size": batch_size,
         "loader_workers": workers,
+        "gather": gather,
         "samples_per_s_from_shards": from_shards,
         "samples_per_s_in_memory": from_memory,
         "shards_vs_in_memory": from_shards / from_memory,
@@ -241,6 +244,9 @@ def storage(work: Path) -> dict:
     }
 
 
+GATHER_NOTE = {"device": " (batches assembled on the device)"}
+
+
 def loader_cell(path: dict) -> str:
     return (
         f"{path['loader_ms_per_batch']:.2f} of {path['step_ms_in_memory']:.1f} "
@@ -285,7 +291,8 @@ def markdown(report: dict) -> str:
         for path in result["data_path"]:
             lines.append(
                 f"| {path['student']} | {path['batch_size']} | {path['steps']} ({path.get('repeats', 1)}) | "
-                f"{path['loader_workers']} | {path['samples_per_s_from_shards']:,.0f} | "
+                f"{path['loader_workers']}{GATHER_NOTE.get(path.get('gather'), '')} | "
+                f"{path['samples_per_s_from_shards']:,.0f} | "
                 f"{path['samples_per_s_in_memory']:,.0f} | {path['shards_vs_in_memory']:.2f} | "
                 f"{100 * path['data_path_share_of_step']:.1f}% | {loader_cell(path)} |"
             )
@@ -321,6 +328,12 @@ def main(argv=None) -> int:
         "--workers",
         type=int,
         help="DataLoader workers when streaming (default: the distillation config's shards.workers)",
+    )
+    parser.add_argument(
+        "--gather",
+        choices=["host", "device"],
+        default="host",
+        help="where the streamed batches are assembled (shards.gather; device needs --workers 0)",
     )
     parser.add_argument(
         "--loader-workers",
@@ -374,7 +387,15 @@ def main(argv=None) -> int:
         report["datasets"][name] = {
             "inference": inference(work / name, device, args.batch_size),
             "data_path": [
-                data_path(work / name, student, args.steps, args.workers, device, args.repeats)
+                data_path(
+                    work / name,
+                    student,
+                    args.steps,
+                    args.workers,
+                    device,
+                    args.repeats,
+                    args.gather,
+                )
                 for student in args.students or students_in(work / name)
             ],
             "loader": loader_bench.measure(
@@ -382,6 +403,7 @@ def main(argv=None) -> int:
                 args.loader_batch_size,
                 args.loader_workers,
                 args.loader_epochs,
+                args.device,
             ),
             "storage": storage(work / name),
             "teacher_training": teacher_training(work / name),

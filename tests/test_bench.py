@@ -14,6 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from recdistill.trainer.data.shards import iter_samples, load_manifest
+
 from .conftest import ROOT
 
 
@@ -334,7 +336,28 @@ def test_quality_and_speed_end_to_end(tmp_path):
             path["loader_ms_per_batch"] / (path["loader_ms_per_batch"] + path["step_ms_in_memory"])
         )
     loader = measured["loader"]  # the loader alone, against the raw read and format 1
-    assert [e["workers"] for e in loader["loaders"]] == [0, 1, 2]
+    assert [(e["workers"], e["gather"]) for e in loader["loaders"]] == [
+        (0, "host"),
+        (1, "host"),
+        (2, "host"),
+        (0, "device"),  # shards.gather=device: the loader alone (reads and plans)
+        (0, "device (cpu)"),  # ... and the batches assembled on the device
+    ]
+    assert all(e["positions_per_s"] > 0 for e in loader["loaders"])
+    # the same training steps with the batches assembled on the device
+    on_device = speed.data_path(work / "toy", "sasrec", 5, 0, torch.device("cpu"), 1, "device")
+    assert on_device["gather"] == "device" and on_device["samples_per_s_from_shards"] > 0
+    # the same samples rewritten in shards of 7, in the same order
+    shards = work / "toy/shards"
+    speed.loader_bench.reshard(shards, tmp_path / "resharded", 7)
+    rewritten = load_manifest(tmp_path / "resharded")
+    counts = [shard["count"] for shard in rewritten["shards"]]
+    assert set(counts[:-1]) == {7} and sum(counts) == rewritten["examples"]
+
+    def keys(folder, manifest):
+        return [k for shard in manifest["shards"] for k, _ in iter_samples(folder / shard["file"])]
+
+    assert keys(tmp_path / "resharded", rewritten) == keys(shards, load_manifest(shards))
     assert loader["raw_read_mb_per_s"] > 0 and loader["format1_loader"]["positions_per_s"] > 0
     assert loader["bytes_per_position_vs_format1"] < 1
     parts = loader["in_process_parts"]  # each part of the in-process loader alone

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import tarfile
 
 import numpy as np
@@ -10,8 +11,12 @@ import torch
 
 from recdistill.trainer.data import shard_stream
 from recdistill.trainer.data.shard_stream import (
+    DeviceGather,
+    GatherPlan,
+    ShardColumns,
     TeacherShardStream,
     batch_to_device,
+    gather,
     iter_batches,
     make_loader,
     pack_batch,
@@ -19,7 +24,14 @@ from recdistill.trainer.data.shard_stream import (
     to_batches,
     unpack_batch,
 )
-from recdistill.trainer.data.shards import ShardError, ShardSink, verify_group
+from recdistill.trainer.data.shards import (
+    Block,
+    ReadBuffers,
+    ShardError,
+    ShardSink,
+    iter_tar_blocks,
+    verify_group,
+)
 
 
 def write_shards(out, group_sizes: list[int], k: int = 4) -> dict:
@@ -114,12 +126,15 @@ def damage(path, how):
     if how == "truncate":  # cut inside the last block (the tail of a tar is only padding)
         path.write_bytes(bytes(data[: members[-1].offset_data + members[-1].size // 2]))
         return
+    if how == "truncate_header":  # cut inside the last block's tar header
+        path.write_bytes(bytes(data[: members[-1].offset + 100]))
+        return
     member = members[2]  # flip a byte inside the third block's payload
     data[member.offset_data + member.size - 3] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("how", ["truncate", "flip"])
+@pytest.mark.parametrize("how", ["truncate", "truncate_header", "flip"])
 def test_damaged_shard_raises_with_its_name(tmp_path, how):
     manifest = write_shards(tmp_path / "s", [60, 60, 60, 60])
     victim = tmp_path / "s" / manifest["shards"][2]["file"]
@@ -313,3 +328,104 @@ def test_cached_shards_give_the_same_batches_without_reading_again(tmp_path):
             for shard in manifest["shards"]:
                 (tmp_path / f"{shard['file']}.away").rename(tmp_path / "s" / shard["file"])
     assert per_epoch and all(a.equal(b) for a, b in zip(runs[0], runs[100]))
+
+
+def as_shard(ragged: dict[str, np.ndarray], name: str, hidden_dtype: str) -> ShardColumns:
+    """A ragged set as one decoded shard, its hidden rows stored as float16, bfloat16 bits or
+    int8 with a per-row scale."""
+    arrays = dict(ragged)
+    values = ragged["hidden_2"].astype(np.float32)
+    if hidden_dtype == "bfloat16":
+        arrays["hidden_2"] = (values.view(np.uint32) >> 16).astype(np.uint16)
+    elif hidden_dtype == "int8":
+        arrays["hidden_2"] = np.round(values * 40).clip(-127, 127).astype(np.int8)
+        arrays["hidden_2_scale"] = np.full(len(values), 1 / 40, np.float32)
+    return ShardColumns([Block([], arrays)], name)
+
+
+@pytest.mark.parametrize("mode", ["sequence", "prefix"])
+@pytest.mark.parametrize("even_hidden", [True, False])
+@pytest.mark.parametrize("hidden_dtype", ["float16", "bfloat16", "int8"])
+def test_batches_assembled_on_the_device_equal_the_loaders(mode, even_hidden, hidden_dtype):
+    rng = np.random.default_rng(1)
+    shards = [
+        as_shard(random_ragged(rng, n, mode, even_hidden), f"s{n}", hidden_dtype)
+        for n in (9, 14, 7)
+    ]
+    # 3 batches of 4 from three shards, samples drawn out of order, one shard in two runs
+    parts = [
+        (shards[0], np.asarray([8, 2, 5])),
+        (shards[1], rng.permutation(14)[:5]),
+        (shards[2], np.asarray([6])),
+        (shards[0], np.asarray([0, 1, 7])),
+    ]
+    loader_made = to_batches(gather(parts), 4, mode)
+    device_made = DeviceGather("cpu").batches(GatherPlan(parts, 4, mode))
+    assert len(device_made) == len(loader_made) == 3
+    for want, got in zip(loader_made, device_made):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key].dtype == want[key].dtype, key
+            assert got[key].shape == want[key].shape, key
+            bits = torch.int16 if want[key].dtype == torch.uint16 else want[key].dtype
+            assert got[key].view(bits).equal(want[key].view(bits)), key
+
+
+def test_device_gather_stream_resumes_exactly_with_the_loaders_batches(tmp_path):
+    manifest = write_shards(tmp_path / "s", [70, 50, 90, 40])
+
+    def epoch(gather_on: str, start: int) -> list[torch.Tensor]:
+        stream = TeacherShardStream(tmp_path / "s", manifest, 1, 2, 16, 0, seed=3, gather=gather_on)
+        stream.set_position(1, start)
+        batches = iter_batches(make_loader(stream))
+        return [next(batches)["item_ids"] for _ in range(stream.steps_per_epoch() - start)]
+
+    host = epoch("host", 0)
+    assert len(host) > 4 and all(a.equal(b) for a, b in zip(host, epoch("device", 0)))
+    for start in (1, 3):  # a resumed epoch continues with the same batches
+        assert all(a.equal(b) for a, b in zip(host[start:], epoch("device", start)))
+    with pytest.raises(ValueError, match="shards.workers=0"):
+        TeacherShardStream(tmp_path / "s", manifest, 0, 1, 16, 2, seed=3, gather="device")
+
+
+def test_tar_entries_are_read_the_same_with_extended_headers(tmp_path):
+    """The reader parses plain ustar headers itself; a tar with pax headers (a long entry name)
+    or a directory entry, as another tool may write, reads through tarfile to the same blocks."""
+    manifest = write_shards(tmp_path / "s", [40])
+    original = tmp_path / "s" / manifest["shards"][0]["file"]
+    blocks = [(name, bytes(blob)) for name, blob, _ in iter_tar_blocks(original)]
+    assert len(blocks) == 3  # 40 samples in blocks of 16
+    rewritten = tmp_path / "pax.tar"
+    with tarfile.open(rewritten, "w", format=tarfile.PAX_FORMAT) as tar:
+        folder = tarfile.TarInfo("a-folder")
+        folder.type = tarfile.DIRTYPE  # not a file: skipped
+        tar.addfile(folder)
+        for index, (name, blob) in enumerate(blocks):
+            # the first block by its own name, then > 100 characters: a pax header
+            info = tarfile.TarInfo(("x" * 120 if index else "") + name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    again = [(name, bytes(blob)) for name, blob, _ in iter_tar_blocks(rewritten)]
+    assert [blob for _, blob in again] == [blob for _, blob in blocks]
+    assert again[0][0] == blocks[0][0] and again[1][0] == "x" * 120 + blocks[1][0]
+
+
+def test_read_buffers_are_reused_only_when_nothing_views_them(tmp_path):
+    buffers = ReadBuffers(keep=2)
+    first = buffers.get(100)
+    view = first[:10]
+    first_id = id(first)
+    del first
+    second = buffers.get(100)
+    assert id(second) != first_id  # `view` still reads the first buffer
+    del second, view
+    assert id(buffers.get(100)) == first_id
+    # a shard kept (its columns alive) is never overwritten by the shards read after it
+    manifest = write_shards(tmp_path / "s", [40, 40, 40, 40])
+    stream = TeacherShardStream(tmp_path / "s", manifest, 0, 1, 16, 0, seed=3)
+    kept = stream.read_shard(manifest["shards"][0])
+    copies = {key: values.copy() for key, values in kept.fields.items()}
+    for _ in range(3):
+        for shard in manifest["shards"][1:]:
+            stream.read_shard(shard)
+    assert all(np.array_equal(kept.fields[key], copies[key]) for key in copies)

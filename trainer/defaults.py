@@ -94,6 +94,7 @@ DISTILL: dict = {
         "workers": 2,  # DataLoader worker processes per rank (0: read in the training process)
         "prefetch": 4,  # batches each worker prepares ahead
         "cache_mb": 512,  # decoded shards kept for later epochs, MB of shard bytes per worker
+        "gather": "host",  # host (loader makes batches) | device (on the model's device; workers 0)
         "shuffle_buffer": 1000,  # resampled mode's sample shuffle buffer
         "on_error": "raise",  # raise | skip (damaged shards skipped whole, counted and logged)
         "verify_checksums": False,  # sha256 of every shard at start (reads all of them once)

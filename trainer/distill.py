@@ -79,6 +79,12 @@ def check_inputs(cfg: dict, resume: bool) -> str:
     choice(cfg, "train.lr_schedule", list(LR_SCHEDULES))
     choice(cfg, "shards.mode", ["exact", "resampled"])
     choice(cfg, "shards.on_error", ["raise", "skip"])
+    choice(cfg, "shards.gather", ["host", "device"])
+    if cfg["shards"]["gather"] == "device" and cfg["shards"]["workers"] > 0:
+        raise ConfigError(
+            "shards.gather=device assembles batches in the training process from the shards it "
+            "reads there: set shards.workers=0"
+        )
     choice(cfg, "student.architecture", list(STUDENTS))
     choice(cfg, "train.mixed_precision", ["no", "bf16", "fp16"])
     output_dir = required(cfg, "train.output_dir")
@@ -360,6 +366,7 @@ def build_stream(cfg: dict, shard_dir, manifest, rank: int, world: int, splits):
             shard_cfg["shuffle_buffer"],
             shard_cfg["on_error"],
             shard_cfg["cache_mb"],
+            shard_cfg["gather"],
         )
     micro_per_epoch = [stream.steps_per_epoch(epoch) for epoch in range(train_cfg["epochs"])]
     if min(micro_per_epoch) < train_cfg["grad_accum"]:
@@ -538,7 +545,7 @@ def main(argv=None) -> int:
     loader = make_loader(
         stream, pin_memory=accelerator.device.type == "cuda", prefetch=shard_cfg["prefetch"]
     )
-    batches = iter_batches(loader)
+    batches = iter_batches(loader, accelerator.device)
     while s["step"] < total_steps and not s["stopped"]:
         batch = next_batch(batches, s, accelerator)
         if batch is None:

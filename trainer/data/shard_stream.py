@@ -11,6 +11,10 @@ outputs only for the positions that have a target, flat over the batch ([M, ...]
 `target_positions` says where each sits in [B * L]), so nothing is padded that the losses would
 mask out again.
 
+With gather="device" (shards.gather) the loader makes no batch: it yields GatherPlans (the decoded
+shards and each group's sample indices) and `iter_batches` assembles them on the training device
+(`DeviceGather`, torch, the same tensors), so the host only reads and checks shards.
+
 Two modes:
 - "exact": every epoch shuffles the shard order (seeded by epoch), deals shards to ranks and
   workers, and shuffles samples within each shard (seeded by epoch and shard; the shard is the
@@ -45,7 +49,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from recdistill.trainer.data.shards import ShardError, read_blocks, row_group
+from recdistill.trainer.data.shards import ReadBuffers, ShardError, read_blocks, row_group
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +291,183 @@ def hidden_batches(
     return scattered
 
 
+# ---- assembling batches where the model runs (shards.gather: device) ---------------------------
+
+
+@dataclass
+class GatherPlan:
+    """A group of batches not yet assembled: (shard columns, sample indices) parts in batch
+    order. With `shards.gather: device` the loader yields these and the training process
+    assembles them on its device (`DeviceGather`), so the host only reads and checks shards."""
+
+    parts: list[tuple[ShardColumns, np.ndarray]]
+    batch_size: int
+    mode: str
+
+
+def _ragged_index(base: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
+    """base[i] + j for j < counts[i], flat over i. `total` (= counts.sum()) comes from the host,
+    so nothing waits for the device."""
+    return torch.repeat_interleave(base, counts, output_size=total) + torch.arange(
+        total, device=base.device
+    )
+
+
+class DeviceGather:
+    """Turns GatherPlans into batches on one device: the same tensors, in the same dtypes, as
+    `to_batches(gather(parts))` makes on the host. Each shard's columns are copied to the
+    device once (one copy per field) and dropped when a plan no longer uses them; the host
+    computes per-sample numbers only (offsets, widths), and every per-position index and copy
+    runs on the device, with no device-to-host sync."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.held: dict[int, tuple[ShardColumns, dict[str, torch.Tensor]]] = {}
+
+    def _copy_in(self, values: np.ndarray) -> torch.Tensor:
+        """A host array on the device; on CUDA through pinned memory, so the copy runs behind the
+        queued steps instead of waiting for them (torch's pinned-memory cache reuses buffers)."""
+        # uint16 (ids, bfloat16 bits) travels as int16 bits: torch has few uint16 kernels
+        tensor = torch.from_numpy(values.view(np.int16) if values.dtype == np.uint16 else values)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
+    def _sources(self, plan: GatherPlan) -> list[dict[str, torch.Tensor]]:
+        wanted = {id(columns): columns for columns, _ in plan.parts}
+        self.held = {key: held for key, held in self.held.items() if key in wanted}
+        for key, columns in wanted.items():
+            if key not in self.held:  # the columns are held too, so their id stays theirs
+                moved = {name: self._copy_in(values) for name, values in columns.fields.items()}
+                self.held[key] = (columns, moved)
+        return [self.held[id(columns)][1] for columns, _ in plan.parts]
+
+    def batches(self, plan: GatherPlan) -> list[dict[str, torch.Tensor]]:
+        parts, batch_size = plan.parts, plan.batch_size
+        sources, stored = self._sources(plan), parts[0][0].fields
+        groups = [g for g in ("items", "targets", "hidden") if g in parts[0][0].counts]
+        counts = {g: np.concatenate([c.counts[g][i] for c, i in parts]) for g in groups}
+        n_batches = len(counts["items"]) // batch_size
+        batch_of, row = np.divmod(np.arange(len(counts["items"])), batch_size)
+        # per sample, on the host: where its rows start in its shard, and where its slots start
+        # in the padded batches, each minus its first row in the gathered set (so that one
+        # repeat + arange on the device gives every row's index)
+        before = {g: np.cumsum(counts[g]) - counts[g] for g in groups}
+        meta = {
+            f"rows_{g}": np.concatenate([c.starts[g][i] for c, i in parts]) - before[g]
+            for g in groups
+        }
+        meta.update({f"counts_{g}": counts[g] for g in groups})
+        widths = counts["items"].reshape(n_batches, batch_size).max(1)  # [n_batches]
+        item_starts = np.concatenate([[0], np.cumsum(widths * batch_size)])
+        meta["pad_items"] = item_starts[batch_of] + row * widths[batch_of] - before["items"]
+        meta["pad_targets"] = (
+            row * widths[batch_of] + counts["items"] - counts["targets"] - before["targets"]
+        )
+        if "hidden" in groups:
+            slots = counts["hidden"].reshape(n_batches, batch_size).max(1)
+            hidden_starts = np.concatenate([[0], np.cumsum(slots * batch_size)])
+            meta["pad_hidden"] = hidden_starts[batch_of] + row * slots[batch_of] - before["hidden"]
+            meta["last_item"] = counts["items"] - 1
+        packed = self._copy_in(np.stack(list(meta.values())).astype(np.int64))
+        meta_t = dict(zip(meta, packed))  # one host-to-device copy for all of them
+        totals = {g: int(counts[g].sum()) for g in groups}
+        part_ends = {g: np.cumsum([int(c.counts[g][i].sum()) for c, i in parts]) for g in groups}
+        rows = {
+            g: _ragged_index(meta_t[f"rows_{g}"], meta_t[f"counts_{g}"], totals[g]) for g in groups
+        }
+
+        def gathered(key: str) -> torch.Tensor:  # the rows of the plan's samples, as stored (bits)
+            g = row_group(key)
+            out = sources[0][key].new_empty((totals[g], *sources[0][key].shape[1:]))
+            lo = 0
+            for source, hi in zip(sources, part_ends[g]):
+                torch.index_select(source[key], 0, rows[g][lo:hi], out=out[lo:hi])
+                lo = int(hi)
+            return out
+
+        def padded(values: torch.Tensor, g: str, size: int) -> torch.Tensor:
+            out = values.new_zeros((size, *values.shape[1:]))
+            out[_ragged_index(meta_t[f"pad_{g}"], meta_t[f"counts_{g}"], totals[g])] = values
+            return out
+
+        def as_stored(values: torch.Tensor, key: str) -> torch.Tensor:
+            return values.view(torch.uint16) if stored[key].dtype == np.uint16 else values
+
+        item_ids = as_stored(
+            padded(gathered("item_ids"), "items", int(item_starts[-1])), "item_ids"
+        )
+        whole = {
+            "target_positions": _ragged_index(
+                meta_t["pad_targets"], meta_t["counts_targets"], totals["targets"]
+            ).to(torch.int32),
+            "targets": as_stored(gathered("targets"), "targets"),
+            "teacher_topk_ids": as_stored(gathered("topk_ids"), "topk_ids"),
+            "teacher_topk_scores": gathered("topk_scores"),
+            "teacher_logsumexp": gathered("logsumexp"),
+            "teacher_target_logprob": gathered("target_logprob"),
+        }
+        lengths = meta_t["counts_items"].to(torch.int32)
+        target_bounds = np.concatenate([[0], np.cumsum(counts["targets"])])[::batch_size]
+        if "hidden" in groups:
+            hidden = self._hidden(
+                plan, gathered, padded, meta_t, counts["hidden"], int(hidden_starts[-1])
+            )
+        batches = []
+        for b in range(n_batches):
+            samples = slice(b * batch_size, (b + 1) * batch_size)
+            targets = slice(int(target_bounds[b]), int(target_bounds[b + 1]))
+            batch = {
+                "item_ids": item_ids[int(item_starts[b]) : int(item_starts[b + 1])].view(
+                    batch_size, int(widths[b])
+                ),
+                "lengths": lengths[samples],
+            }
+            batch.update({key: whole[key][targets] for key in TARGET_FIELDS})
+            if "hidden" in groups:
+                rows_b = slice(int(hidden_starts[b]), int(hidden_starts[b + 1]))
+                batch.update(
+                    {
+                        key: values[rows_b].view(batch_size, int(slots[b]), *values.shape[1:])
+                        for key, values in hidden.items()
+                    }
+                )
+            batches.append(batch)
+        return batches
+
+    def _hidden(
+        self, plan, gathered, padded, meta_t, hidden_counts, size
+    ) -> dict[str, torch.Tensor]:
+        """hidden_positions, hidden_mask and hidden_LAYER of the plan as flat padded rows (each
+        batch's [B, P_b] slots one after another), as `hidden_batches` makes them."""
+        stored, total = plan.parts[0][0].fields, int(hidden_counts.sum())
+        if plan.mode == "sequence":
+            positions = gathered("hidden_positions").to(torch.int32)
+        else:  # prefix mode: the student's matching position is its last item
+            positions = torch.repeat_interleave(
+                meta_t["last_item"], meta_t["counts_hidden"], output_size=total
+            ).to(torch.int32)
+        flat = {
+            "hidden_positions": positions,
+            "hidden_mask": torch.ones(total, dtype=torch.bool, device=self.device),
+        }
+        for key in stored:
+            if (
+                key.startswith("hidden_")
+                and not key.endswith("_scale")
+                and key != "hidden_positions"
+            ):
+                values = gathered(key)
+                if stored[key].dtype == np.uint16:
+                    values = values.view(torch.bfloat16)
+                elif stored[key].dtype == np.int8:
+                    values = values.float() * gathered(f"{key}_scale")[:, None]
+                flat[key] = values
+        if len(hidden_counts) and (hidden_counts == hidden_counts.max()).all():
+            return flat  # every sample has P rows: the gathered rows are the padded layout
+        return {key: padded(values, "hidden", size) for key, values in flat.items()}
+
+
 # ---- moving batches: worker -> training process -> device -------------------------------------
 
 
@@ -325,10 +506,15 @@ def unpack_batch(packed: PackedBatch) -> dict[str, torch.Tensor]:
     return out
 
 
-def iter_batches(loader: DataLoader):
-    """The loader's items as batch dicts (unpacked when they crossed from a worker) or skip markers."""
+def iter_batches(loader: DataLoader, device="cpu"):
+    """The loader's items as batch dicts (unpacked when they crossed from a worker, assembled on
+    `device` when the loader made GatherPlans) or skip markers."""
+    on_device = DeviceGather(device)
     for item in loader:
-        yield unpack_batch(item) if isinstance(item, PackedBatch) else item
+        if isinstance(item, GatherPlan):
+            yield from on_device.batches(item)
+        else:
+            yield unpack_batch(item) if isinstance(item, PackedBatch) else item
 
 
 def batch_to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
@@ -366,9 +552,18 @@ class TeacherShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         on_error: str = "raise",
         cache_mb: float = 0,
+        gather: str = "host",
     ):
         if mode not in ("exact", "resampled"):
             raise ValueError(f"shard mode {mode!r}: use exact or resampled")
+        if gather not in ("host", "device"):
+            raise ValueError(f"shards.gather {gather!r}: use host or device")
+        if gather == "device" and workers > 0:
+            raise ValueError(
+                "shards.gather=device assembles batches in the training process from the shards "
+                "it reads there: set shards.workers=0"
+            )
+        self.gather = gather
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error {on_error!r}: use raise or skip")
         self.shard_dir, self.manifest = Path(shard_dir), manifest
@@ -388,6 +583,7 @@ class TeacherShardStream(IterableDataset):
         # once, never evicted: epochs visit shards in random order, so any subset hits as often).
         self.cache_bytes = int(cache_mb * 1e6)
         self._cache: dict[str, ShardColumns] = {}
+        self._buffers = ReadBuffers()
         self._cached = 0
         # batches gathered at once: about GATHER_BYTES of shard bytes, 1 to 16
         shards = manifest["shards"]
@@ -441,7 +637,7 @@ class TeacherShardStream(IterableDataset):
         if shard["file"] in self._cache:
             return self._cache[shard["file"]]
         path = self.shard_dir / shard["file"]
-        blocks = read_blocks(path)
+        blocks = read_blocks(path, self._buffers)
         columns = ShardColumns(blocks, shard["file"]) if blocks else None
         found = len(columns) if columns is not None else 0
         if found != shard["count"]:
@@ -528,6 +724,9 @@ class TeacherShardStream(IterableDataset):
             return batches * self.batch_size
 
         def split(parts: list):
+            if self.gather == "device":  # assembled where the model runs: iter_batches
+                yield GatherPlan(parts, self.batch_size, self.sample_mode)
+                return
             for batch in to_batches(gather(parts), self.batch_size, self.sample_mode):
                 yield pack_batch(batch) if pack else batch
 
