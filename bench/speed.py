@@ -10,11 +10,12 @@ Per dataset:
 2. Distillation data path: every student (with DLLM2Rec + SLMRec losses, i.e. every teacher
    field in use) trains for --steps optimizer steps (a) streaming the shards through
    TeacherShardStream and the DataLoader exactly as trainer/distill.py does and (b) from the
-   same batches already in memory, --repeats times alternately (the best of each), the shard files
-   warm in the page cache. samples/s of each; (a)/(b) is the data path's cost, and
-   1 - (a)/(b) its share of a training step; and (c) the same batches drawn with no model, the
-   loader's own ms per batch against the in-memory step: its cost measured directly, without the
-   two runs' noise (the best of --repeats too). Then the loader alone (bench/data_path.py):
+   same batches already in memory, side by side (two identical models, 10 steps of (a), then the
+   same 10 steps of (b), in turn), --repeats times, the shard files warm in the page cache.
+   samples/s of each over all repeats; (a)/(b) is the data path's cost, and 1 - (a)/(b) its
+   share of a training step; and (c) the same batches drawn with no model, the loader's own ms
+   per batch against the in-memory step: its cost measured directly (the best of --repeats).
+   Then the loader alone (bench/data_path.py):
    positions/s and MB/s per worker setting, the raw read rate of the same files, and the
    format-1 loader on the same samples.
 3. Storage: shard bytes per training example against storing the full float32 logits for every
@@ -29,6 +30,7 @@ Writes bench/results/speed_SCALE.json and speed_SCALE.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -137,17 +139,25 @@ def data_path(
             if made == steps + 1:
                 return
 
-    def timed(batches) -> float:
-        objective, optimizer = build()
-        iterator = iter(batches)
-        train_steps(objective, optimizer, [next(iterator)], device)  # warm-up step
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        samples = train_steps(objective, optimizer, iterator, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return samples / (time.perf_counter() - started)
+    def side_by_side(chunk: int = 10) -> tuple[list[int], list[float]]:
+        """(samples, seconds) of the two paths run side by side: two identical models take the
+        same batches, `chunk` steps from the shards, then the same `chunk` steps from memory, in
+        turn, so a slow or fast stretch of this shared machine falls on both."""
+        models, sources = [build(), build()], [iter(stream_batches()), iter(in_memory)]
+        for (objective, optimizer), source in zip(models, sources):
+            train_steps(objective, optimizer, [next(source)], device)  # warm-up step
+        samples, seconds = [0, 0], [0.0, 0.0]
+        for done in range(0, steps, chunk):
+            for side, ((objective, optimizer), source) in enumerate(zip(models, sources)):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                batches = itertools.islice(source, min(chunk, steps - done))
+                samples[side] += train_steps(objective, optimizer, batches, device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds[side] += time.perf_counter() - started
+        return samples, seconds
 
     # Warm page cache, as from the second epoch on: the disk's read rate is the loader benchmark's
     # (bench/data_path.py, which drops the cache for it); here the data path's CPU cost is measured.
@@ -164,13 +174,16 @@ def data_path(
             pass
         return time.perf_counter() - started
 
-    # Alternating repeats, the best of each: one run of a cheap step varies by +-5% on a shared CPU.
-    from_shards = from_memory = 0.0
+    # Separate runs of each path differed by +-5-10% on this shared CPU, more than the loader
+    # costs; side by side, both paths see the same stretches of the machine.
+    samples, seconds = [0, 0], [0.0, 0.0]
     loader = float("inf")
     for _ in range(repeats):
-        from_shards = max(from_shards, timed(stream_batches()))
-        from_memory = max(from_memory, timed(in_memory))
+        run_samples, run_seconds = side_by_side()
+        samples = [a + b for a, b in zip(samples, run_samples)]
+        seconds = [a + b for a, b in zip(seconds, run_seconds)]
         loader = min(loader, loader_seconds())
+    from_shards, from_memory = samples[0] / seconds[0], samples[1] / seconds[1]
     # The ratio of two throughputs carries both runs' noise; the loader's own time per batch
     # against an in-memory step is its cost measured directly (in the training process it adds
     # to the step; with worker processes the training process only receives the batch).
@@ -285,7 +298,7 @@ def markdown(report: dict) -> str:
             "",
             "Distillation, all losses, the same steps from shards vs from batches in memory:",
             "",
-            "| student | batch | steps (best of) | loader workers | samples/s from shards | in memory | ratio | data path's share of a step | loader alone, ms per batch (vs an in-memory step) |",
+            "| student | batch | steps (runs) | loader workers | samples/s from shards | in memory | ratio | data path's share of a step | loader alone, ms per batch (vs an in-memory step) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for path in result["data_path"]:
@@ -322,7 +335,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--steps", type=int, default=100, help="training steps per data path")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="alternating timed runs of each path, best kept"
+        "--repeats",
+        type=int,
+        default=3,
+        help="side-by-side runs of the two paths (--steps each), summed; the loader alone: best kept",
     )
     parser.add_argument(
         "--workers",

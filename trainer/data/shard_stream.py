@@ -313,6 +313,65 @@ def _ragged_index(base: torch.Tensor, counts: torch.Tensor, total: int) -> torch
     )
 
 
+class PlanLayout:
+    """The host's part of assembling a GatherPlan: per-sample numbers only. For each row group,
+    where each sample's rows start in its shard and, for the padded fields, where its slots start
+    in the batches, each minus its first row in the gathered set, so that one repeat + arange on
+    the device gives every row's index (`meta`); each batch's width and where its rows lie."""
+
+    def __init__(self, plan: GatherPlan):
+        parts, self.batch_size = plan.parts, plan.batch_size
+        groups = [g for g in ("items", "targets", "hidden") if g in parts[0][0].counts]
+        self.counts = {g: np.concatenate([c.counts[g][i] for c, i in parts]) for g in groups}
+        self.totals = {g: int(self.counts[g].sum()) for g in groups}
+        self.part_ends = {
+            g: np.cumsum([int(c.counts[g][i].sum()) for c, i in parts]) for g in groups
+        }
+        self.n_batches = len(self.counts["items"]) // self.batch_size
+        batch_of, row = np.divmod(np.arange(len(self.counts["items"])), self.batch_size)
+        before = {g: np.cumsum(self.counts[g]) - self.counts[g] for g in groups}
+        meta = {
+            f"rows_{g}": np.concatenate([c.starts[g][i] for c, i in parts]) - before[g]
+            for g in groups
+        }
+        meta.update({f"counts_{g}": self.counts[g] for g in groups})
+        self.widths = self._per_batch_max("items")  # [n_batches]
+        self.item_starts = np.concatenate([[0], np.cumsum(self.widths * self.batch_size)])
+        pad_row = row * self.widths[batch_of]
+        meta["pad_items"] = self.item_starts[batch_of] + pad_row - before["items"]
+        first_target = self.counts["items"] - self.counts["targets"]
+        meta["pad_targets"] = pad_row + first_target - before["targets"]
+        if "hidden" in groups:
+            self.slots = self._per_batch_max("hidden")
+            self.hidden_starts = np.concatenate([[0], np.cumsum(self.slots * self.batch_size)])
+            pad_hidden = self.hidden_starts[batch_of] + row * self.slots[batch_of]
+            meta["pad_hidden"] = pad_hidden - before["hidden"]
+            meta["last_item"] = self.counts["items"] - 1
+        self.meta = {key: values.astype(np.int64) for key, values in meta.items()}
+        self.target_bounds = np.concatenate([[0], np.cumsum(self.counts["targets"])])[
+            :: self.batch_size
+        ]
+
+    def _per_batch_max(self, group: str) -> np.ndarray:
+        return self.counts[group].reshape(self.n_batches, self.batch_size).max(1)
+
+    def batch(self, b: int, whole: dict, hidden: dict) -> dict[str, torch.Tensor]:
+        """Batch b of the plan as views of the plan's assembled tensors (`whole`: flat item ids,
+        per-sample and per-target fields; `hidden`: flat padded hidden rows)."""
+        size = self.batch_size
+        targets = slice(int(self.target_bounds[b]), int(self.target_bounds[b + 1]))
+        ids = whole["item_ids"][int(self.item_starts[b]) : int(self.item_starts[b + 1])]
+        out = {
+            "item_ids": ids.view(size, int(self.widths[b])),
+            "lengths": whole["lengths"][b * size : (b + 1) * size],
+        }
+        out.update({key: whole[key][targets] for key in TARGET_FIELDS})
+        rows = slice(int(self.hidden_starts[b]), int(self.hidden_starts[b + 1])) if hidden else None
+        for key, values in hidden.items():
+            out[key] = values[rows].view(size, int(self.slots[b]), *values.shape[1:])
+        return out
+
+
 class DeviceGather:
     """Turns GatherPlans into batches on one device: the same tensors, in the same dtypes, as
     `to_batches(gather(parts))` makes on the host. Each shard's columns are copied to the
@@ -343,63 +402,35 @@ class DeviceGather:
         return [self.held[id(columns)][1] for columns, _ in plan.parts]
 
     def batches(self, plan: GatherPlan) -> list[dict[str, torch.Tensor]]:
-        parts, batch_size = plan.parts, plan.batch_size
-        sources, stored = self._sources(plan), parts[0][0].fields
-        groups = [g for g in ("items", "targets", "hidden") if g in parts[0][0].counts]
-        counts = {g: np.concatenate([c.counts[g][i] for c, i in parts]) for g in groups}
-        n_batches = len(counts["items"]) // batch_size
-        batch_of, row = np.divmod(np.arange(len(counts["items"])), batch_size)
-        # per sample, on the host: where its rows start in its shard, and where its slots start
-        # in the padded batches, each minus its first row in the gathered set (so that one
-        # repeat + arange on the device gives every row's index)
-        before = {g: np.cumsum(counts[g]) - counts[g] for g in groups}
-        meta = {
-            f"rows_{g}": np.concatenate([c.starts[g][i] for c, i in parts]) - before[g]
-            for g in groups
-        }
-        meta.update({f"counts_{g}": counts[g] for g in groups})
-        widths = counts["items"].reshape(n_batches, batch_size).max(1)  # [n_batches]
-        item_starts = np.concatenate([[0], np.cumsum(widths * batch_size)])
-        meta["pad_items"] = item_starts[batch_of] + row * widths[batch_of] - before["items"]
-        meta["pad_targets"] = (
-            row * widths[batch_of] + counts["items"] - counts["targets"] - before["targets"]
-        )
-        if "hidden" in groups:
-            slots = counts["hidden"].reshape(n_batches, batch_size).max(1)
-            hidden_starts = np.concatenate([[0], np.cumsum(slots * batch_size)])
-            meta["pad_hidden"] = hidden_starts[batch_of] + row * slots[batch_of] - before["hidden"]
-            meta["last_item"] = counts["items"] - 1
-        packed = self._copy_in(np.stack(list(meta.values())).astype(np.int64))
-        meta_t = dict(zip(meta, packed))  # one host-to-device copy for all of them
-        totals = {g: int(counts[g].sum()) for g in groups}
-        part_ends = {g: np.cumsum([int(c.counts[g][i].sum()) for c, i in parts]) for g in groups}
-        rows = {
-            g: _ragged_index(meta_t[f"rows_{g}"], meta_t[f"counts_{g}"], totals[g]) for g in groups
-        }
+        layout = PlanLayout(plan)
+        sources, stored = self._sources(plan), plan.parts[0][0].fields
+        meta = dict(zip(layout.meta, self._copy_in(np.stack(list(layout.meta.values())))))
+        totals = layout.totals
+        rows = {g: _ragged_index(meta[f"rows_{g}"], meta[f"counts_{g}"], totals[g]) for g in totals}
 
         def gathered(key: str) -> torch.Tensor:  # the rows of the plan's samples, as stored (bits)
             g = row_group(key)
             out = sources[0][key].new_empty((totals[g], *sources[0][key].shape[1:]))
             lo = 0
-            for source, hi in zip(sources, part_ends[g]):
+            for source, hi in zip(sources, layout.part_ends[g]):
                 torch.index_select(source[key], 0, rows[g][lo:hi], out=out[lo:hi])
                 lo = int(hi)
             return out
 
         def padded(values: torch.Tensor, g: str, size: int) -> torch.Tensor:
             out = values.new_zeros((size, *values.shape[1:]))
-            out[_ragged_index(meta_t[f"pad_{g}"], meta_t[f"counts_{g}"], totals[g])] = values
+            out[_ragged_index(meta[f"pad_{g}"], meta[f"counts_{g}"], totals[g])] = values
             return out
 
         def as_stored(values: torch.Tensor, key: str) -> torch.Tensor:
             return values.view(torch.uint16) if stored[key].dtype == np.uint16 else values
 
-        item_ids = as_stored(
-            padded(gathered("item_ids"), "items", int(item_starts[-1])), "item_ids"
-        )
+        item_ids = padded(gathered("item_ids"), "items", int(layout.item_starts[-1]))
         whole = {
+            "item_ids": as_stored(item_ids, "item_ids"),
+            "lengths": meta["counts_items"].to(torch.int32),
             "target_positions": _ragged_index(
-                meta_t["pad_targets"], meta_t["counts_targets"], totals["targets"]
+                meta["pad_targets"], meta["counts_targets"], totals["targets"]
             ).to(torch.int32),
             "targets": as_stored(gathered("targets"), "targets"),
             "teacher_topk_ids": as_stored(gathered("topk_ids"), "topk_ids"),
@@ -407,37 +438,13 @@ class DeviceGather:
             "teacher_logsumexp": gathered("logsumexp"),
             "teacher_target_logprob": gathered("target_logprob"),
         }
-        lengths = meta_t["counts_items"].to(torch.int32)
-        target_bounds = np.concatenate([[0], np.cumsum(counts["targets"])])[::batch_size]
-        if "hidden" in groups:
-            hidden = self._hidden(
-                plan, gathered, padded, meta_t, counts["hidden"], int(hidden_starts[-1])
-            )
-        batches = []
-        for b in range(n_batches):
-            samples = slice(b * batch_size, (b + 1) * batch_size)
-            targets = slice(int(target_bounds[b]), int(target_bounds[b + 1]))
-            batch = {
-                "item_ids": item_ids[int(item_starts[b]) : int(item_starts[b + 1])].view(
-                    batch_size, int(widths[b])
-                ),
-                "lengths": lengths[samples],
-            }
-            batch.update({key: whole[key][targets] for key in TARGET_FIELDS})
-            if "hidden" in groups:
-                rows_b = slice(int(hidden_starts[b]), int(hidden_starts[b + 1]))
-                batch.update(
-                    {
-                        key: values[rows_b].view(batch_size, int(slots[b]), *values.shape[1:])
-                        for key, values in hidden.items()
-                    }
-                )
-            batches.append(batch)
-        return batches
+        hidden = {}
+        if "hidden" in totals:
+            size = int(layout.hidden_starts[-1])
+            hidden = self._hidden(plan, gathered, padded, meta, layout.counts["hidden"], size)
+        return [layout.batch(b, whole, hidden) for b in range(layout.n_batches)]
 
-    def _hidden(
-        self, plan, gathered, padded, meta_t, hidden_counts, size
-    ) -> dict[str, torch.Tensor]:
+    def _hidden(self, plan, gathered, padded, meta, hidden_counts, size) -> dict[str, torch.Tensor]:
         """hidden_positions, hidden_mask and hidden_LAYER of the plan as flat padded rows (each
         batch's [B, P_b] slots one after another), as `hidden_batches` makes them."""
         stored, total = plan.parts[0][0].fields, int(hidden_counts.sum())
@@ -445,7 +452,7 @@ class DeviceGather:
             positions = gathered("hidden_positions").to(torch.int32)
         else:  # prefix mode: the student's matching position is its last item
             positions = torch.repeat_interleave(
-                meta_t["last_item"], meta_t["counts_hidden"], output_size=total
+                meta["last_item"], meta["counts_hidden"], output_size=total
             ).to(torch.int32)
         flat = {
             "hidden_positions": positions,
