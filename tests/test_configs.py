@@ -59,3 +59,26 @@ def test_unknown_lr_schedule_is_refused_before_any_work(tmp_path):
             ]
         )
     assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["shards.gather=gpu"], "shards.gather 'gpu': use one of host, device"),
+        (["shards.gather=device", "shards.workers=2"], "set shards.workers=0"),
+    ],
+)
+def test_gathering_on_the_device_is_checked_before_any_work(tmp_path, overrides, message):
+    from recdistill.trainer.distill import main as distill_main
+
+    output = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        distill_main(
+            [
+                "--config",
+                str(ROOT / "configs/distill_demo.yaml"),
+                *overrides,
+                f"train.output_dir={output}",
+            ]
+        )
+    assert not output.exists()
