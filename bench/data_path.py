@@ -123,6 +123,7 @@ def loader_rates(
     return {
         "workers": workers,
         "gather": gather if device is None else f"{gather} ({device})",
+        "device": device,  # where the batches were made (None: by the loader, or not made)
         "samples_per_s": samples / seconds,
         "positions_per_s": positions / seconds,
         "mb_per_s": shard_bytes / seconds / 1e6,
@@ -304,15 +305,13 @@ def markdown(result: dict) -> list[str]:
             old["positions_per_s"],
         )
     )
-    names = {
-        "host": "format 2 (columnar blocks)",
-        "device": "format 2, `shards.gather: device`: reading and planning only",
-    }
     for entry in result["loaders"]:
-        gather = entry.get("gather", "host")
-        name = names.get(
-            gather, f"format 2, `shards.gather: device`, batches made on {gather[8:-1]}"
-        )
+        if entry.get("gather", "host") == "host":
+            name = "format 2 (columnar blocks)"
+        elif entry.get("device") is None:
+            name = "format 2, `shards.gather: device`: reading and planning only"
+        else:
+            name = f"format 2, `shards.gather: device`, batches made on {entry['device']}"
         workers = str(entry["workers"] or "in process")
         lines.append(row(name, workers, entry, entry["positions_per_s_per_worker"]))
     lines += [

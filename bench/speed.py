@@ -184,8 +184,8 @@ def data_path(
         seconds = [a + b for a, b in zip(seconds, run_seconds)]
         loader = min(loader, loader_seconds())
     from_shards, from_memory = samples[0] / seconds[0], samples[1] / seconds[1]
-    # The ratio of two throughputs carries both runs' noise; the loader's own time per batch
-    # against an in-memory step is its cost measured directly (in the training process it adds
+    # The ratio of two throughputs still carries some of the machine's noise; the loader's own
+    # time per batch against an in-memory step is its cost measured directly (in the training process it adds
     # to the step; with worker processes the training process only receives the batch).
     loader_ms = 1000 * loader / steps
     step_ms = 1000 * batch_size / from_memory

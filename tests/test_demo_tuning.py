@@ -17,7 +17,7 @@ from .conftest import ROOT
 def test_grid_candidates_official_value_first_and_none_for_untuned_variants():
     grid = tuning.load_grid()  # configs/tuning/grid.yaml
     dllm2rec = tuning.candidates(grid, "dllm2rec")
-    # the code's: every rule on, the ranking term's BCE form, ed_weight 0.2
+    # the code's: no reliability rule, the ranking term's BCE form, ed_weight 0.2
     assert dllm2rec[0] == [
         'loss.reliability="none"',
         'loss.ranking.form="bce"',

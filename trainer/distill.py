@@ -38,6 +38,7 @@ from recdistill.trainer.config import ConfigError, checked_config, parse_job_arg
 from recdistill.trainer.data.pipeline import load_sequences
 from recdistill.trainer.data.sequence_stream import SequenceStream
 from recdistill.trainer.data.shard_stream import (
+    DEVICE_GATHER_WORKERS,
     TeacherShardStream,
     batch_to_device,
     iter_batches,
@@ -81,10 +82,7 @@ def check_inputs(cfg: dict, resume: bool) -> str:
     choice(cfg, "shards.on_error", ["raise", "skip"])
     choice(cfg, "shards.gather", ["host", "device"])
     if cfg["shards"]["gather"] == "device" and cfg["shards"]["workers"] > 0:
-        raise ConfigError(
-            "shards.gather=device assembles batches in the training process from the shards it "
-            "reads there: set shards.workers=0"
-        )
+        raise ConfigError(DEVICE_GATHER_WORKERS)
     choice(cfg, "student.architecture", list(STUDENTS))
     choice(cfg, "train.mixed_precision", ["no", "bf16", "fp16"])
     output_dir = required(cfg, "train.output_dir")

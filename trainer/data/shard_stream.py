@@ -136,15 +136,25 @@ def gather(parts: list[tuple[ShardColumns, np.ndarray]]) -> dict[str, np.ndarray
     return out
 
 
-def hidden_tensor(values: np.ndarray, scale: np.ndarray | None) -> torch.Tensor:
-    """Hidden-state rows as a tensor in their stored precision (float16, or bfloat16 from its
-    uint16 bits): `batch_to_device` widens them to float32 on the device, which halves what the
-    loader writes and copies. int8 rows are scaled here (a per-row scale travels badly)."""
-    if values.dtype == np.uint16:
-        return torch.from_numpy(values).view(torch.bfloat16)
-    if values.dtype == np.int8:
-        return torch.from_numpy(values.astype(np.float32) * scale[:, None])
-    return torch.from_numpy(values)
+def hidden_layers(fields) -> list[str]:
+    """The stored hidden-state layers (hidden_L) among a shard's fields."""
+    return [
+        key
+        for key in fields
+        if key.startswith("hidden_") and not key.endswith("_scale") and key != "hidden_positions"
+    ]
+
+
+def hidden_tensor(values: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Hidden-state rows in their stored precision (float16, or bfloat16 from its 16 bits: uint16
+    as stored, int16 as a device gathers them): `batch_to_device` widens them to float32 on the
+    device, which halves what the loader writes and copies. int8 rows are scaled here (a per-row
+    scale travels badly)."""
+    if values.dtype in (torch.uint16, torch.int16):
+        return values.view(torch.bfloat16)
+    if values.dtype == torch.int8:
+        return values.float() * scale[:, None]
+    return values
 
 
 def to_batch(ragged: dict[str, np.ndarray], mode: str) -> dict[str, torch.Tensor]:
@@ -249,10 +259,10 @@ def hidden_batches(
         if mode == "sequence"
         else np.repeat(item_counts - 1, hidden_counts)
     ).astype(np.int32)
+    scales = {key: torch.from_numpy(v) for key, v in ragged.items() if key.endswith("_scale")}
     layers = {
-        key: hidden_tensor(ragged[key], ragged.get(f"{key}_scale"))  # [rows, H]
-        for key in ragged
-        if key.startswith("hidden_") and not key.endswith("_scale") and key != "hidden_positions"
+        key: hidden_tensor(torch.from_numpy(ragged[key]), scales.get(f"{key}_scale"))  # [rows, H]
+        for key in hidden_layers(ragged)
     }
     slots = int(hidden_counts.max()) if len(hidden_counts) else 0
     if (hidden_counts == slots).all():  # every sample has P rows (the usual case): views only
@@ -292,6 +302,11 @@ def hidden_batches(
 
 
 # ---- assembling batches where the model runs (shards.gather: device) ---------------------------
+
+DEVICE_GATHER_WORKERS = (
+    "shards.gather=device assembles batches in the training process from the shards it reads "
+    "there: set shards.workers=0"
+)
 
 
 @dataclass
@@ -458,18 +473,9 @@ class DeviceGather:
             "hidden_positions": positions,
             "hidden_mask": torch.ones(total, dtype=torch.bool, device=self.device),
         }
-        for key in stored:
-            if (
-                key.startswith("hidden_")
-                and not key.endswith("_scale")
-                and key != "hidden_positions"
-            ):
-                values = gathered(key)
-                if stored[key].dtype == np.uint16:
-                    values = values.view(torch.bfloat16)
-                elif stored[key].dtype == np.int8:
-                    values = values.float() * gathered(f"{key}_scale")[:, None]
-                flat[key] = values
+        for key in hidden_layers(stored):
+            scale = gathered(f"{key}_scale") if f"{key}_scale" in stored else None
+            flat[key] = hidden_tensor(gathered(key), scale)
         if len(hidden_counts) and (hidden_counts == hidden_counts.max()).all():
             return flat  # every sample has P rows: the gathered rows are the padded layout
         return {key: padded(values, "hidden", size) for key, values in flat.items()}
@@ -566,13 +572,10 @@ class TeacherShardStream(IterableDataset):
         if gather not in ("host", "device"):
             raise ValueError(f"shards.gather {gather!r}: use host or device")
         if gather == "device" and workers > 0:
-            raise ValueError(
-                "shards.gather=device assembles batches in the training process from the shards "
-                "it reads there: set shards.workers=0"
-            )
-        self.gather = gather
+            raise ValueError(DEVICE_GATHER_WORKERS)
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error {on_error!r}: use raise or skip")
+        self.gather = gather
         self.shard_dir, self.manifest = Path(shard_dir), manifest
         self.rank, self.world, self.batch_size = rank, world, batch_size
         self.processes = max(0, workers)  # DataLoader worker processes (0: in this process)
