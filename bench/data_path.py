@@ -11,7 +11,9 @@ them (TeacherShardStream -> make_loader -> iter_batches; no model), the first it
 worker process (0 workers = reading in the training process, counted as one). Then
 `shards.gather: device`, in the training process: the loader alone (it reads and checks the
 shards and yields GatherPlans, no batch made), and with the batches also assembled on --device
-(torch, DeviceGather). The raw read rate is reading the same files whole into one reused buffer
+(torch, DeviceGather). Each row also gives the training thread's own CPU time per batch (what
+the training loop pays to get a batch: with workers, receiving their handed-over groups; in
+process, making the batches). The raw read rate is reading the same files whole into one reused buffer
 (`readinto`, warm page cache: the physical limit of this machine for bytes already in memory; a
 read into new memory runs at the page-fault rate, 2-3 GB/s here). The format-1 baseline writes the
 same samples as earlier versions did (one safetensors blob per sample) and reads them as they did:
@@ -109,7 +111,7 @@ def loader_rates(
 
     # worker start-up and the first shard read are not the steady state
     left = batches * batch_size - sizes(next(iterator))[0]
-    started = time.perf_counter()
+    started, main_thread_started = time.perf_counter(), time.thread_time()
     samples = positions = 0
     while samples < left:
         taken, targets = sizes(next(iterator))
@@ -118,6 +120,7 @@ def loader_rates(
     if device is not None and device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
+    main_thread_seconds = time.thread_time() - main_thread_started
     shard_bytes = manifest["bytes"] * samples / manifest["examples"]  # bytes behind these samples
     processes = max(1, workers)
     return {
@@ -129,6 +132,9 @@ def loader_rates(
         "mb_per_s": shard_bytes / seconds / 1e6,
         "positions_per_s_per_worker": positions / seconds / processes,
         "mb_per_s_per_worker": shard_bytes / seconds / 1e6 / processes,
+        # what the training loop's thread spends per batch to get it (with workers: receiving
+        # the handed-over groups; in process: making the batches)
+        "main_thread_ms_per_batch": 1e3 * main_thread_seconds / (samples / batch_size),
     }
 
 
@@ -285,15 +291,18 @@ def markdown(result: dict) -> list[str]:
         f"`{result['shards']}`; raw read of the same files: {raw:,.0f} MB/s from the page cache, "
         f"{cold_text}:",
         "",
-        "| loader | workers | samples/s | positions/s | MB/s | positions/s per worker | vs page-cache read | vs disk read |",
-        "|---|---|---|---|---|---|---|---|",
+        "| loader | workers | samples/s | positions/s | MB/s | positions/s per worker | vs page-cache read | vs disk read | training thread, ms per batch |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def row(name: str, workers: str, entry: dict, per_worker: float) -> str:
         versus_cold = f"{entry['mb_per_s'] / cold:.2f}" if cold else "-"
+        main_thread = entry.get("main_thread_ms_per_batch")
+        main_thread = f"{main_thread:.3f}" if main_thread is not None else "-"
         return (
             f"| {name} | {workers} | {entry['samples_per_s']:,.0f} | {entry['positions_per_s']:,.0f} | "
-            f"{entry['mb_per_s']:,.1f} | {per_worker:,.0f} | {entry['mb_per_s'] / raw:.3f} | {versus_cold} |"
+            f"{entry['mb_per_s']:,.1f} | {per_worker:,.0f} | {entry['mb_per_s'] / raw:.3f} | {versus_cold} | "
+            f"{main_thread} |"
         )
 
     old = result["format1_loader"]

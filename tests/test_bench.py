@@ -344,6 +344,7 @@ def test_quality_and_speed_end_to_end(tmp_path):
         (0, "device (cpu)"),  # ... and the batches assembled on the device
     ]
     assert all(e["positions_per_s"] > 0 for e in loader["loaders"])
+    assert all(e["main_thread_ms_per_batch"] > 0 for e in loader["loaders"])
     # the same training steps with the batches assembled on the device
     on_device = speed.data_path(work / "toy", "sasrec", 5, 0, torch.device("cpu"), 1, "device")
     assert on_device["gather"] == "device" and on_device["samples_per_s_from_shards"] > 0

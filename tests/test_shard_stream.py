@@ -19,10 +19,10 @@ from recdistill.trainer.data.shard_stream import (
     gather,
     iter_batches,
     make_loader,
-    pack_batch,
+    pack_batches,
     to_batch,
     to_batches,
-    unpack_batch,
+    unpack_batches,
 )
 from recdistill.trainer.data.shards import (
     Block,
@@ -30,6 +30,8 @@ from recdistill.trainer.data.shards import (
     ShardError,
     ShardSink,
     iter_tar_blocks,
+    parse_ustar_header,
+    read_blocks,
     verify_group,
 )
 
@@ -99,10 +101,30 @@ def test_uneven_shards_give_every_rank_the_same_batches(tmp_path):
     assert counts[0] == counts[1]
 
 
-def test_exact_resume_continues_with_the_same_batches(tmp_path):
-    manifest = write_shards(tmp_path / "s", [70, 50, 90, 40])
-    _, full, _ = epoch_batches(tmp_path / "s", manifest, rank=1)
-    for start in (1, 3, len(full) - 1):
+def group_bytes(manifest: dict, batches: int, batch_size: int = 16) -> float:
+    """A GATHER_BYTES that makes the stream gather (and hand over) `batches` batches at once."""
+    shards = manifest["shards"]
+    return batches * batch_size * sum(s["bytes"] for s in shards) / manifest["examples"]
+
+
+@pytest.mark.parametrize("group", [1, 2, 16])
+def test_exact_resume_continues_with_the_same_batches(tmp_path, monkeypatch, group):
+    """Two loader workers hand over groups of batches in turn (group 2: two rounds, the last of
+    single batches; 16: one group per worker per epoch); resumed at any batch, the rank gets
+    exactly the batches the uninterrupted epoch has from there, and each item that crossed from
+    a worker was one group."""
+    manifest = write_shards(tmp_path / "s", [70, 50, 90, 40, 60, 60])
+    monkeypatch.setattr(shard_stream, "GATHER_BYTES", group_bytes(manifest, group))
+    handed_over = []
+    monkeypatch.setattr(
+        shard_stream,
+        "unpack_batches",
+        lambda packed: handed_over.append(len(packed.layouts)) or unpack_batches(packed),
+    )
+    stream, full, _ = epoch_batches(tmp_path / "s", manifest, rank=1)
+    assert stream.gather_batches == group and len(full) == stream.steps_per_epoch() == 6
+    assert handed_over == {1: [1] * 6, 2: [2, 2, 1, 1], 16: [3, 3]}[group]
+    for start in range(1, len(full)):
         stream, resumed, _ = epoch_batches(tmp_path / "s", manifest, rank=1, start=start)
         assert len(resumed) == len(full) - start
         for a, b in zip(resumed, full[start:]):
@@ -234,10 +256,14 @@ def test_to_batch_gathers_ragged_samples_hand_worked():
     # on the device every integer is int64, uint16 ids above 32767 included
     wide = batch_to_device({"ids": torch.tensor([3, 40000, 65535], dtype=torch.uint16)}, "cpu")
     assert wide["ids"].dtype == torch.int64 and wide["ids"].tolist() == [3, 40000, 65535]
-    # what crosses from a loader worker: one buffer, unpacked into the same tensors
-    unpacked = unpack_batch(pack_batch(batch))
-    assert unpacked.keys() == batch.keys()
-    assert all(unpacked[k].equal(batch[k]) and unpacked[k].dtype == batch[k].dtype for k in batch)
+    # what crosses from a loader worker: a group of batches in one buffer, unpacked into the
+    # same tensors
+    group = [batch, to_batch(prefix, "prefix")]
+    unpacked = unpack_batches(pack_batches(group))
+    assert len(unpacked) == 2
+    for got, sent in zip(unpacked, group):
+        assert got.keys() == sent.keys()
+        assert all(got[k].equal(sent[k]) and got[k].dtype == sent[k].dtype for k in sent)
 
 
 def random_ragged(rng, samples: int, mode: str, even_hidden: bool) -> dict[str, np.ndarray]:
@@ -408,6 +434,32 @@ def test_tar_entries_are_read_the_same_with_extended_headers(tmp_path):
     again = [(name, bytes(blob)) for name, blob, _ in iter_tar_blocks(rewritten)]
     assert [blob for _, blob in again] == [blob for _, blob in blocks]
     assert again[0][0] == blocks[0][0] and again[1][0] == "x" * 120 + blocks[1][0]
+
+
+def test_tar_headers_read_as_tarfile_reads_them_and_damaged_headers_are_named(tmp_path):
+    """The reader's own ustar parser agrees with tarfile on every header the writer makes; a
+    flipped byte in a tar header (bad checksum) or a safetensors header whose shape does not fit
+    its bytes (not covered by the block checksum) is an error naming the shard."""
+    manifest = write_shards(tmp_path / "s", [40])
+    path = tmp_path / "s" / manifest["shards"][0]["file"]
+    data = path.read_bytes()
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    for member in members:
+        header = data[member.offset : member.offset + tarfile.BLOCKSIZE]
+        assert parse_ustar_header(header) == (member.name, member.size, member.isfile())
+
+    flipped = bytearray(data)
+    flipped[members[1].offset + 3] ^= 0x01  # inside the second entry's name
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ShardError, match=f"{path.name}.*checksum"):
+        list(iter_tar_blocks(path))
+
+    shape = b'"shape":[16]'  # a 16-sample block's per-sample column
+    assert shape in data
+    path.write_bytes(data.replace(shape, b'"shape":[15]', 1))
+    with pytest.raises(ShardError, match=f"{path.name}.*does not fill"):
+        read_blocks(path)
 
 
 def test_read_buffers_are_reused_only_when_nothing_views_them(tmp_path):

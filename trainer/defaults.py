@@ -92,7 +92,7 @@ DISTILL: dict = {
         "dir": None,  # trainer/precompute.py output
         "mode": "exact",  # exact (resumes mid-epoch exactly) | resampled (restart-safe, no data state)
         "workers": 2,  # DataLoader worker processes per rank (0: read in the training process)
-        "prefetch": 4,  # batches each worker prepares ahead
+        "prefetch": 4,  # groups of batches each worker prepares ahead (a group: ~2 MB of shard bytes)
         "cache_mb": 512,  # decoded shards kept for later epochs, MB of shard bytes per worker
         "gather": "host",  # host (loader makes batches) | device (on the model's device; workers 0)
         "shuffle_buffer": 1000,  # resampled mode's sample shuffle buffer

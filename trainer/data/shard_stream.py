@@ -19,7 +19,8 @@ Two modes:
 - "exact": every epoch shuffles the shard order (seeded by epoch), deals shards to ranks and
   workers, and shuffles samples within each shard (seeded by epoch and shard; the shard is the
   shuffle buffer). Every worker yields the same number of batches, so every rank runs the same
-  number of steps whatever the shard sizes, and batch j of a rank comes from worker j % W. The
+  number of steps whatever the shard sizes; a worker hands its batches over in groups (of
+  `gather_batches`, the last of an epoch smaller), taken from workers 0..W-1 in turn. The
   position in an epoch is therefore one number, the batches consumed; it maps to (shard,
   offset) per worker from the manifest's counts, which is how a resumed job continues exactly.
   The stream runs on from epoch to epoch by itself, so workers start once per job (persistent).
@@ -41,6 +42,7 @@ import logging
 import math
 import random
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 # Batches are gathered and split several at once, about this many shard bytes together (at most
 # 16 batches): one set of numpy calls for several small batches, whose per-call overhead costs
 # more than their bytes; large batches go one at a time (bigger gathers fall out of the CPU cache).
+# A group so gathered is also what a loader worker hands over as one item (PackedBatches).
 GATHER_BYTES = 2_000_000
 
 
@@ -485,49 +488,65 @@ class DeviceGather:
 
 
 @dataclass
-class PackedBatch:
-    """A batch as one uint8 buffer plus its layout: a DataLoader worker hands the training
-    process one shared-memory segment per batch instead of one per field (each segment costs
-    an allocation, page faults and a file descriptor, ~0.4 ms on a CPU core)."""
+class PackedBatches:
+    """Batches as one uint8 buffer plus each batch's layout: a DataLoader worker hands the
+    training process one shared-memory segment per group of batches instead of one per field
+    or per batch. Each item a worker hands over costs the training process about 0.4-0.5 ms of
+    its main thread (unpickling, receiving the segment's file descriptor, mapping it) whatever
+    its size; a group of G batches costs that once."""
 
     buffer: torch.Tensor
-    layout: list[tuple[str, torch.dtype, tuple[int, ...], int]]
+    layouts: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]]
 
-    def pin_memory(self) -> PackedBatch:  # what DataLoader(pin_memory=True) calls
-        return PackedBatch(self.buffer.pin_memory(), self.layout)
+    def pin_memory(self) -> PackedBatches:  # what DataLoader(pin_memory=True) calls
+        return PackedBatches(self.buffer.pin_memory(), self.layouts)
 
 
-def pack_batch(batch: dict[str, torch.Tensor]) -> PackedBatch:
-    layout, offset = [], 0
-    for name, tensor in batch.items():
-        layout.append((name, tensor.dtype, tuple(tensor.shape), offset))
-        offset += -(-tensor.numel() * tensor.element_size() // 8) * 8  # 8-byte aligned fields
-    # Allocated in shared memory and filled there: handing it over then copies nothing.
+def pack_batches(batches: list[dict[str, torch.Tensor]]) -> PackedBatches:
+    layouts, offset = [], 0
+    for batch in batches:
+        layout = []
+        for name, tensor in batch.items():
+            layout.append((name, tensor.dtype, tuple(tensor.shape), offset))
+            offset += -(-tensor.numel() * tensor.element_size() // 8) * 8  # 8-byte aligned
+        layouts.append(layout)
+    # Allocated in shared memory and filled there: handing it over then copies nothing. Its size
+    # is a multiple of 8, so it can be viewed as any dtype.
     buffer = torch.empty(offset, dtype=torch.uint8).share_memory_()
-    for (_, _, _, start), tensor in zip(layout, batch.values()):
-        raw = tensor.contiguous().reshape(-1).view(torch.uint8)
-        buffer[start : start + raw.numel()] = raw
-    return PackedBatch(buffer, layout)
+    for batch, layout in zip(batches, layouts):
+        for (_, _, _, start), tensor in zip(layout, batch.values()):
+            raw = tensor.contiguous().reshape(-1).view(torch.uint8)
+            buffer[start : start + raw.numel()] = raw
+    return PackedBatches(buffer, layouts)
 
 
-def unpack_batch(packed: PackedBatch) -> dict[str, torch.Tensor]:
-    """Zero-copy views of the packed fields."""
-    out = {}
-    for name, dtype, shape, start in packed.layout:
-        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        out[name] = packed.buffer[start : start + size].view(dtype).view(shape)
-    return out
+def unpack_batches(packed: PackedBatches) -> list[dict[str, torch.Tensor]]:
+    """Zero-copy views of the packed batches' fields (two view calls a field: the training
+    thread pays for these)."""
+    typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer as each dtype (fields 8-byte aligned)
+    batches = []
+    for layout in packed.layouts:
+        batch = {}
+        for name, dtype, shape, start in layout:
+            if dtype not in typed:
+                typed[dtype] = packed.buffer.view(dtype)
+            first = start // dtype.itemsize
+            batch[name] = typed[dtype][first : first + math.prod(shape)].view(shape)
+        batches.append(batch)
+    return batches
 
 
 def iter_batches(loader: DataLoader, device="cpu"):
-    """The loader's items as batch dicts (unpacked when they crossed from a worker, assembled on
-    `device` when the loader made GatherPlans) or skip markers."""
+    """The loader's items as batch dicts, one at a time (unpacked when a group crossed from a
+    worker, assembled on `device` when the loader made GatherPlans) or skip markers."""
     on_device = DeviceGather(device)
     for item in loader:
         if isinstance(item, GatherPlan):
             yield from on_device.batches(item)
+        elif isinstance(item, PackedBatches):
+            yield from unpack_batches(item)
         else:
-            yield unpack_batch(item) if isinstance(item, PackedBatch) else item
+            yield item
 
 
 def batch_to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
@@ -635,10 +654,34 @@ class TeacherShardStream(IterableDataset):
                 skip -= shard["count"]
         return positions
 
-    def _skipped_batches(self, worker: int, start_batch: int | None = None) -> int:
-        """Batches logical `worker` made before batch `start_batch` of the epoch."""
+    def _skipped_batches(
+        self, worker: int, start_batch: int | None = None, epoch: int | None = None
+    ) -> int:
+        """Batches logical `worker` made before batch `start_batch` of `epoch` (default: the
+        position set by `set_position`)."""
+        rounds, into, size = self._round_at(start_batch, epoch)
+        return rounds * self.gather_batches + min(max(into - worker * size, 0), size)
+
+    def _owner(self, start_batch: int, epoch: int) -> int:
+        """The logical worker whose group holds batch `start_batch` of `epoch` (0 past its end)."""
+        _, into, size = self._round_at(start_batch, epoch)
+        return min(into // size, self.workers - 1) if size and into < self.workers * size else 0
+
+    def _round_at(self, start_batch: int | None, epoch: int | None) -> tuple[int, int, int]:
+        """(rounds before it, batches into its round, its groups' size) of a batch of an epoch.
+
+        A worker makes its batches in groups of `gather_batches` (the last group of an epoch may
+        be smaller) and the rank takes whole groups in turn from workers 0..W-1: round r holds
+        group r of every worker. Every worker makes the same number of batches in an epoch, so
+        every round's groups have one size, and a position maps to each worker's count."""
         start = self.start_batch if start_batch is None else start_batch
-        return max(0, -(-(start - worker) // self.workers))
+        group, workers = self.gather_batches, self.workers
+        per_worker = self.steps_per_epoch(self.epoch if epoch is None else epoch) // workers
+        full_rounds = per_worker // group
+        if start < full_rounds * workers * group:
+            rounds, into = divmod(start, workers * group)
+            return rounds, into, group
+        return full_rounds, start - full_rounds * workers * group, per_worker - full_rounds * group
 
     # ---- reading -----------------------------------------------------------------------------
     def read_shard(self, shard: dict) -> ShardColumns:
@@ -721,24 +764,33 @@ class TeacherShardStream(IterableDataset):
                 for columns, indices in picks.values():
                     yield columns, np.asarray(indices)
 
-    def _batches(self, runs, limit: int | None, skipped: list[str], pack: bool):
+    def _batches(
+        self, runs, limit: int | None, skipped: list[str], pack: bool, done: int = 0
+    ) -> Iterator:
         """Batches of `batch_size` samples from (columns, indices) runs, at most `limit`; markers
-        for skips. Several batches are gathered and split at once (`to_batches`, GATHER_BYTES);
-        the runs of an exact epoch always hold `limit` batches, and samples beyond them are left out
-        of that epoch (every worker makes the same number of batches)."""
+        for skips. A group of `gather_batches` batches is gathered and split at once
+        (`to_batches`, GATHER_BYTES), and crosses from a worker process as one item (`pack`); the
+        groups start at the worker's batch 0 of the epoch (`done`: batches it made before these),
+        which is what makes a position one number (`_round_at`). The runs of an exact epoch
+        always hold `limit` batches, and samples beyond them are left out of that epoch (every
+        worker makes the same number of batches)."""
         parts, have, made = [], 0, 0
 
-        def wanted() -> int:  # samples of the next gather
-            at_once = self.gather_batches
-            batches = at_once if limit is None else min(at_once, limit - made)
+        def wanted() -> int:  # samples of the next gather: the rest of the current group
+            batches = self.gather_batches - (done + made) % self.gather_batches
+            if limit is not None:
+                batches = min(batches, limit - made)
             return batches * self.batch_size
 
         def split(parts: list):
             if self.gather == "device":  # assembled where the model runs: iter_batches
                 yield GatherPlan(parts, self.batch_size, self.sample_mode)
                 return
-            for batch in to_batches(gather(parts), self.batch_size, self.sample_mode):
-                yield pack_batch(batch) if pack else batch
+            batches = to_batches(gather(parts), self.batch_size, self.sample_mode)
+            if pack:  # one item, one shared-memory segment, for the group
+                yield pack_batches(batches)
+            else:
+                yield from batches
 
         target = wanted()
         for columns, indices in runs:
@@ -772,12 +824,14 @@ class TeacherShardStream(IterableDataset):
             yield from self._batches(self._resampled_runs(skipped), None, skipped, pack)
             return
         # The DataLoader always starts its round-robin at worker 0; batch `start_batch` belongs to
-        # logical worker start_batch % W, so loader worker i plays logical worker i + start_batch
-        # (in every later epoch too: each epoch has a multiple of W batches).
+        # the group of logical worker `_owner`, so loader worker i plays logical worker
+        # owner + i (in every later epoch too: each worker hands over as many groups per epoch).
         start_epoch, start_batch = self.epoch, self.start_batch  # set_position may change them
-        worker = (loader_worker + start_batch) % self.workers
+        worker = (loader_worker + self._owner(start_batch, start_epoch)) % self.workers
         for epoch in itertools.count(start_epoch):
-            skip = self._skipped_batches(worker, start_batch) if epoch == start_epoch else 0
+            skip = 0
+            if epoch == start_epoch:
+                skip = self._skipped_batches(worker, start_batch, epoch)
             full = self.steps_per_epoch(epoch) // self.workers
             if full == 0:
                 raise ShardError(
@@ -788,14 +842,14 @@ class TeacherShardStream(IterableDataset):
             if limit <= 0:
                 continue
             runs = self._exact_epoch(epoch, worker, skip * self.batch_size, skipped)
-            yield from self._batches(runs, limit, skipped, pack)
+            yield from self._batches(runs, limit, skipped, pack, done=skip)
 
 
 def make_loader(
     stream: TeacherShardStream, pin_memory: bool = False, prefetch: int = 4
 ) -> DataLoader:
-    # batch_size=None: batches are made inside the workers, one worker per batch, in strict
-    # round-robin order, which is what makes an exact-mode position one number.
+    # batch_size=None: batches are made inside the workers, one group of batches per item, taken
+    # in strict round-robin order, which is what makes an exact-mode position one number.
     workers = stream.processes
     return DataLoader(
         stream,
