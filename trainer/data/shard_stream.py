@@ -665,7 +665,7 @@ class TeacherShardStream(IterableDataset):
     def _owner(self, start_batch: int, epoch: int) -> int:
         """The logical worker whose group holds batch `start_batch` of `epoch` (0 past its end)."""
         _, into, size = self._round_at(start_batch, epoch)
-        return min(into // size, self.workers - 1) if size and into < self.workers * size else 0
+        return into // size if size and into < self.workers * size else 0
 
     def _round_at(self, start_batch: int | None, epoch: int | None) -> tuple[int, int, int]:
         """(rounds before it, batches into its round, its groups' size) of a batch of an epoch.
