@@ -323,10 +323,8 @@ def test_batches_split_at_once_equal_batches_made_one_by_one(mode, even_hidden):
 def test_gathering_several_batches_at_once_changes_no_batch(tmp_path, monkeypatch):
     manifest = write_shards(tmp_path / "s", [70, 50, 90, 40])
     runs = {}
-    shards = manifest["shards"]
-    batch_bytes = 16 * sum(s["bytes"] for s in shards) / sum(s["count"] for s in shards)
     for gather_batches in (1, 3, 8):
-        monkeypatch.setattr(shard_stream, "GATHER_BYTES", gather_batches * batch_bytes)
+        monkeypatch.setattr(shard_stream, "GATHER_BYTES", group_bytes(manifest, gather_batches))
         _, batches, _ = epoch_batches(tmp_path / "s", manifest, rank=1, workers=0, start=1)
         runs[gather_batches] = [b["item_ids"] for b in batches]
     assert len(runs[1]) == len(runs[8]) > 3

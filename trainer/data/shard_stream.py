@@ -676,7 +676,7 @@ class TeacherShardStream(IterableDataset):
         every round's groups have one size, and a position maps to each worker's count."""
         start = self.start_batch if start_batch is None else start_batch
         group, workers = self.gather_batches, self.workers
-        per_worker = self.steps_per_epoch(self.epoch if epoch is None else epoch) // workers
+        per_worker = self.steps_per_epoch(epoch) // workers
         full_rounds = per_worker // group
         if start < full_rounds * workers * group:
             rounds, into = divmod(start, workers * group)
