@@ -4,6 +4,7 @@ against the raw read rate of the same files and against the format-1 loader on t
     python bench/data_path.py --shards runs/demo/shards              # any format-2 shard folder
     python bench/data_path.py --shards runs/bench_cpu/ml-1m/shards --workers 0 1 2
     python bench/data_path.py --shards DIR --workers 0 --shard-size 1000   # the same samples, bigger shards
+    python bench/data_path.py --shards DIR --workers 0 --shard-size 2500 --block-size 1024  # 3 blocks a shard
 
 For each loader setting, batches are drawn for --epochs epochs exactly as trainer/distill.py draws
 them (TeacherShardStream -> make_loader -> iter_batches; no model), the first item left out
@@ -15,7 +16,9 @@ shards and yields GatherPlans, no batch made), and with the batches also assembl
 the training loop pays to get a batch: with workers, receiving their handed-over groups; in
 process, making the batches). The raw read rate is reading the same files whole into one reused buffer
 (`readinto`, warm page cache: the physical limit of this machine for bytes already in memory; a
-read into new memory runs at the page-fault rate, 2-3 GB/s here). The format-1 baseline writes the
+read into new memory runs at the page-fault rate, 2-3 GB/s here), measured before every loader
+run and after the last, the best of them reported (this machine's rate drifts by up to 2x
+between minutes). The format-1 baseline writes the
 same samples as earlier versions did (one safetensors blob per sample) and reads them as they did:
 webdataset's tar reader, a per-sample decode and a row-by-row collate, in the training process.
 Last, each part of the in-process loader alone (`loader_parts`): reading and decoding the shards
@@ -240,18 +243,26 @@ def measure(
 ) -> dict:
     manifest = load_manifest(shard_dir)
     files = [shard_dir / s["file"] for s in manifest["shards"]]
-    loaders = [loader_rates(shard_dir, manifest, batch_size, w, epochs) for w in workers]
     # shards.gather=device: the loader alone (it reads in the training process), then with the
     # batches assembled on `device`
-    loaders += [
-        loader_rates(shard_dir, manifest, batch_size, 0, epochs, "device", on)
-        for on in (None, device)
-    ]
+    settings = [(w, "host", None) for w in workers] + [(0, "device", on) for on in (None, device)]
+    loaders, raw_reads = [], []
+    for w, gather, on in settings:
+        # the page-cache read of the same bytes, next to every loader run: this machine's rate
+        # drifts between minutes, and the best of them is the limit
+        raw_reads.append(raw_read_mb_per_s(files, passes=epochs))
+        loaders.append(loader_rates(shard_dir, manifest, batch_size, w, epochs, gather, on))
+    raw_reads.append(raw_read_mb_per_s(files, passes=epochs))
+    raw = max(raw_reads)
     baseline = format1_rates(shard_dir, manifest, batch_size, epochs)
     cold = cold_read_mb_per_s(files)
-    raw = raw_read_mb_per_s(files, passes=epochs)  # the same bytes as each loader run
     parts = loader_parts(shard_dir, manifest, batch_size, epochs)
-    best_per_worker = max(entry["positions_per_s_per_worker"] for entry in loaders)
+    # loaders that make batches (the plans-only row makes none)
+    best_per_worker = max(
+        entry["positions_per_s_per_worker"]
+        for entry in loaders
+        if entry["gather"] == "host" or entry["device"] is not None
+    )
     return {
         "shards": str(shard_dir),
         "batch_size": batch_size,
@@ -262,6 +273,7 @@ def measure(
         "format1_bytes_per_position": baseline["bytes_per_position"],
         "bytes_per_position_vs_format1": manifest["bytes"] / baseline["bytes"],
         "raw_read_mb_per_s": raw,
+        "raw_reads_mb_per_s": raw_reads,
         "cold_read_mb_per_s": cold,
         "loaders": loaders,
         "in_process_parts": parts,
@@ -288,8 +300,9 @@ def markdown(result: dict) -> list[str]:
     )
     lines = [
         f"Loader only, batch {result['batch_size']}, {result['epochs']} epochs of "
-        f"`{result['shards']}`; raw read of the same files: {raw:,.0f} MB/s from the page cache, "
-        f"{cold_text}:",
+        f"`{result['shards']}`; raw read of the same files: {raw:,.0f} MB/s from the page cache "
+        f"(the best of {len(result.get('raw_reads_mb_per_s', [raw]))} reads, one before each "
+        f"loader run and one after them), {cold_text}:",
         "",
         "| loader | workers | samples/s | positions/s | MB/s | positions/s per worker | vs page-cache read | vs disk read | training thread, ms per batch |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -327,7 +340,8 @@ def markdown(result: dict) -> list[str]:
         "",
         f"Bytes per target position: {result['bytes_per_position']:.1f} (format 1: "
         f"{result['format1_bytes_per_position']:.1f}, ratio {result['bytes_per_position_vs_format1']:.2f}); "
-        f"best positions/s per worker vs format 1: {result['positions_per_s_per_worker_vs_format1']:.1f}x.",
+        "best positions/s per worker of a loader that makes batches vs format 1: "
+        f"{result['positions_per_s_per_worker_vs_format1']:.1f}x.",
     ]
     parts = result["in_process_parts"]
     lines += [
@@ -339,13 +353,15 @@ def markdown(result: dict) -> list[str]:
     return lines
 
 
-def reshard(source: Path, output: Path, shard_size: int) -> None:
+def reshard(source: Path, output: Path, shard_size: int, block_size: int | None = None) -> None:
     """The samples of `source`, in the same order, rewritten in shards of `shard_size` samples
-    (one group each, as trainer/precompute.py cuts them; the same block size): to measure what
-    the per-shard costs weigh at another shard size."""
+    (one group each, as trainer/precompute.py cuts them; blocks of `block_size`, by default one
+    block per shard as precompute writes them): to measure what the per-shard costs weigh at
+    another shard size, and what joining several blocks costs."""
     manifest = load_manifest(source)
     output.mkdir(parents=True)
-    sink = ShardSink(output, max_blocks=2**31, max_bytes=2**62, block_size=manifest["block_size"])
+    block_size = block_size or shard_size
+    sink = ShardSink(output, max_blocks=2**31, max_bytes=2**62, block_size=block_size)
     samples = (
         sample for shard in manifest["shards"] for sample in iter_samples(source / shard["file"])
     )
@@ -359,7 +375,8 @@ def reshard(source: Path, output: Path, shard_size: int) -> None:
     sink.close()
     shards = [shard for g, n in enumerate(sizes) for shard in verify_group(output, g, n)["shards"]]
     bytes_ = sum(shard["bytes"] for shard in shards)
-    write_json_atomic(output / MANIFEST, {**manifest, "shards": shards, "bytes": bytes_})
+    resharded = {**manifest, "shards": shards, "bytes": bytes_, "block_size": block_size}
+    write_json_atomic(output / MANIFEST, resharded)
     (output / manifest["item_table"]).symlink_to((source / manifest["item_table"]).resolve())
 
 
@@ -385,16 +402,22 @@ def main(argv=None) -> int:
         type=int,
         help="measure the same samples rewritten (in a temporary folder) in shards of this many",
     )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        help="with --shard-size: samples per block (default: one block per shard, as precompute)",
+    )
     parser.add_argument("--output", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         shards = args.shards
         if args.shard_size:
             shards = Path(scratch) / f"{args.shards.name}-{args.shard_size}"
-            reshard(args.shards, shards, args.shard_size)
+            reshard(args.shards, shards, args.shard_size, args.block_size)
         result = measure(shards, args.batch_size, args.workers, args.epochs, args.device)
     if args.shard_size:
-        result.update(shards=f"{args.shards} rewritten in shards of {args.shard_size}")
+        blocks = f" in blocks of {args.block_size}" if args.block_size else ""
+        result.update(shards=f"{args.shards} rewritten in shards of {args.shard_size}{blocks}")
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
     print("\n".join(markdown(result)))

@@ -359,7 +359,16 @@ def test_quality_and_speed_end_to_end(tmp_path):
         return [k for shard in manifest["shards"] for k, _ in iter_samples(folder / shard["file"])]
 
     assert keys(tmp_path / "resharded", rewritten) == keys(shards, load_manifest(shards))
+    # one block a shard (as precompute writes), or blocks of --block-size
+    assert all(shard["blocks"] == 1 for shard in rewritten["shards"])
+    speed.loader_bench.reshard(shards, tmp_path / "in_blocks", 7, block_size=3)
+    in_blocks = load_manifest(tmp_path / "in_blocks")
+    assert [shard["blocks"] for shard in in_blocks["shards"]][:-1] == [3] * (len(counts) - 1)
+    assert keys(tmp_path / "in_blocks", in_blocks) == keys(shards, load_manifest(shards))
     assert loader["raw_read_mb_per_s"] > 0 and loader["format1_loader"]["positions_per_s"] > 0
+    # the page-cache read measured next to every loader run, the best of them the yardstick
+    assert len(loader["raw_reads_mb_per_s"]) == len(loader["loaders"]) + 1
+    assert loader["raw_read_mb_per_s"] == max(loader["raw_reads_mb_per_s"])
     assert loader["bytes_per_position_vs_format1"] < 1
     parts = loader["in_process_parts"]  # each part of the in-process loader alone
     assert set(parts) == {"read_decode_mb_per_s", "assemble_mb_per_s"}

@@ -77,6 +77,9 @@ def test_two_ranks_and_one_process_write_the_same_samples(runs):
         assert np.array_equal(two[key]["topk_ids"], one[key]["topk_ids"]), key
         np.testing.assert_allclose(two[key]["topk_scores"], one[key]["topk_scores"], rtol=1e-3)
         np.testing.assert_allclose(two[key]["hidden_4"], one[key]["hidden_4"], rtol=1e-3, atol=1e-3)
+    # block_size unset: each group is one block (the loader reads it without joining blocks)
+    manifest = load_manifest(runs / "two")
+    assert manifest["block_size"] == 150 and all(s["blocks"] == 1 for s in manifest["shards"])
 
 
 def test_zero3_inference_writes_the_data_parallel_samples(runs):

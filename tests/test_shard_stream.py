@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -29,6 +30,8 @@ from recdistill.trainer.data.shards import (
     ReadBuffers,
     ShardError,
     ShardSink,
+    block_checksum,
+    check_shard,
     iter_tar_blocks,
     parse_ustar_header,
     read_blocks,
@@ -364,7 +367,7 @@ def as_shard(ragged: dict[str, np.ndarray], name: str, hidden_dtype: str) -> Sha
     elif hidden_dtype == "int8":
         arrays["hidden_2"] = np.round(values * 40).clip(-127, 127).astype(np.int8)
         arrays["hidden_2_scale"] = np.full(len(values), 1 / 40, np.float32)
-    return ShardColumns([Block([], arrays)], name)
+    return ShardColumns([Block(arrays, '{"keys": []}')], name)
 
 
 @pytest.mark.parametrize("mode", ["sequence", "prefix"])
@@ -458,6 +461,37 @@ def test_tar_headers_read_as_tarfile_reads_them_and_damaged_headers_are_named(tm
     path.write_bytes(data.replace(shape, b'"shape":[15]', 1))
     with pytest.raises(ShardError, match=f"{path.name}.*does not fill"):
         read_blocks(path)
+
+
+def test_block_checksum_is_read_without_the_key_list_and_damaged_metadata_is_named(tmp_path):
+    """A block's checksum is read from the fixed place the writer puts it (the key list, which
+    the loader never uses, is parsed on use); any other layout is parsed whole. A damaged
+    checksum is a mismatch naming the shard; a damaged key list is named by check_shard."""
+    manifest = write_shards(tmp_path / "s", [40])
+    record = manifest["shards"][0]
+    path = tmp_path / "s" / record["file"]
+    blocks = read_blocks(path)
+    assert [key for block in blocks for key in block.keys] == [f"s{i:06d}" for i in range(40)]
+    for block in blocks:
+        parsed = json.loads(block.meta)
+        assert block_checksum(block.meta) == parsed["xxh3"]
+        reordered = json.dumps({"keys": parsed["keys"], "xxh3": parsed["xxh3"]})
+        assert block_checksum(reordered) == parsed["xxh3"]
+    assert check_shard(path, record) == []
+
+    data = path.read_bytes()
+    digest = json.loads(blocks[0].meta)["xxh3"]
+    other = digest[:5] + ("1" if digest[5] != "1" else "2") + digest[6:]
+    path.write_bytes(data.replace(digest.encode(), other.encode(), 1))
+    with pytest.raises(ShardError, match=f"{path.name}.*checksum mismatch"):
+        read_blocks(path)
+
+    keys = b'\\"keys\\": ['  # as escaped inside the safetensors header's JSON
+    assert keys in data
+    path.write_bytes(data.replace(keys, keys[:-1] + b"(", 1))
+    assert len(read_blocks(path)) == len(blocks)  # the loader reads on: it needs no keys
+    problems = [p for p in check_shard(path, record) if "keys cannot be decoded" in p]
+    assert len(problems) == 1 and path.name in problems[0]
 
 
 def test_read_buffers_are_reused_only_when_nothing_views_them(tmp_path):

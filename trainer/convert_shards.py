@@ -42,7 +42,9 @@ def parse_args(argv=None):
         "output", type=Path, help="new folder for the format-2 shards (must not exist)"
     )
     parser.add_argument(
-        "--block-size", type=int, default=1024, help="samples per block (default 1024)"
+        "--block-size",
+        type=int,
+        help="samples per block (default: a whole group, one block per file, as precompute writes)",
     )
     parser.add_argument(
         "--compression", choices=COMPRESSIONS, default="none", help="per-block compression"
@@ -55,7 +57,7 @@ def group_of(file: str) -> int:
     return int(file.split("-")[1])
 
 
-def convert(source: Path, output: Path, block_size: int, compression: str) -> dict:
+def convert(source: Path, output: Path, block_size: int | None, compression: str) -> dict:
     manifest = json.loads((source / MANIFEST).read_text())
     if manifest.get("format") != FORMAT_V1:
         raise ShardError(
@@ -71,6 +73,7 @@ def convert(source: Path, output: Path, block_size: int, compression: str) -> di
     for shard in manifest["shards"]:
         groups.setdefault(group_of(shard["file"]), []).append(shard)
     per_group = manifest["examples_per_group"]
+    block_size = block_size or per_group
     sink = ShardSink(
         staging,
         max_blocks=-(-per_group // block_size),

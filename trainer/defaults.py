@@ -74,7 +74,9 @@ PRECOMPUTE: dict = {
     "batch_size": 64,
     "shard_size": 1000,  # examples per group (the unit of work and of resume)
     "shard_max_bytes": 256_000_000,  # a group's tar files roll over at this size
-    "block_size": 1024,  # samples per columnar block (one tar entry, one read, one checksum)
+    # samples per columnar block (one tar entry, one checksum); null: the whole group, one block
+    # per file, which the loader reads without a copy (several blocks are joined by a copy)
+    "block_size": None,
     "compression": "none",  # none | zstd (per block)
     "inference": "data_parallel",  # data_parallel | zero3
     "dtype": "float32",  # data_parallel: float32 | bfloat16 | float16

@@ -213,11 +213,12 @@ def main(argv=None) -> int:
             f"rank {rank}: {len(mine) - len(todo)} of {len(mine)} groups already done, {len(todo)} to write"
         )
 
+    block_size = cfg["block_size"] or size
     sink = ShardSink(
         out_dir,
-        max_blocks=-(-size // cfg["block_size"]),
+        max_blocks=-(-size // block_size),
         max_bytes=cfg["shard_max_bytes"],
-        block_size=cfg["block_size"],
+        block_size=block_size,
         compression=cfg["compression"],
     )
     progress = tqdm(
@@ -304,7 +305,7 @@ def write_manifest(
         "hidden_positions": list(cfg["hidden_positions"])
         if cfg["data"]["mode"] == "sequence"
         else ["last"],
-        "block_size": cfg["block_size"],
+        "block_size": cfg["block_size"] or cfg["shard_size"],
         "compression": cfg["compression"],
         "dtypes": {
             "item_ids": str(id_dtype(model_config.num_items)),

@@ -42,7 +42,7 @@ import logging
 import math
 import random
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +104,8 @@ class ShardColumns:
     def __init__(self, blocks: list, name: str):
         self.name = name
         fields = [key for key in blocks[0].arrays if not key.startswith("counts_")]
-        # one block (the usual case): the zero-copy views of the blob, no copy
+        # one block (precompute's default): the zero-copy views of the blob; several blocks are
+        # joined by a copy into new memory (3 blocks: 2/3 the rate of 1, docs/benchmarks.md)
         join = (lambda parts: parts[0]) if len(blocks) == 1 else np.concatenate
         self.fields = {key: join([b.arrays[key] for b in blocks]) for key in fields}
         self.counts = {
@@ -536,7 +537,7 @@ def unpack_batches(packed: PackedBatches) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def iter_batches(loader: DataLoader, device="cpu"):
+def iter_batches(loader: Iterable, device="cpu"):
     """The loader's items as batch dicts, one at a time (unpacked when a group crossed from a
     worker, assembled on `device` when the loader made GatherPlans) or skip markers."""
     on_device = DeviceGather(device)
@@ -847,10 +848,16 @@ class TeacherShardStream(IterableDataset):
 
 def make_loader(
     stream: TeacherShardStream, pin_memory: bool = False, prefetch: int = 4
-) -> DataLoader:
+) -> Iterable:
+    """The stream's items for the training loop: through a DataLoader when worker processes read
+    the shards or host batches are pinned, else the stream itself (a DataLoader with no workers
+    only adds its per-item bookkeeping: a profiler range, the sampler, the fetcher, 0.01-0.1 ms an
+    item here). GatherPlans are never pinned (DeviceGather pins what it copies)."""
+    workers = stream.processes
+    if workers == 0 and not (pin_memory and stream.gather == "host"):
+        return stream
     # batch_size=None: batches are made inside the workers, one group of batches per item, taken
     # in strict round-robin order, which is what makes an exact-mode position one number.
-    workers = stream.processes
     return DataLoader(
         stream,
         batch_size=None,

@@ -144,6 +144,7 @@ def encode_block(samples: list[tuple[str, dict[str, np.ndarray]]], compression: 
     draft = st_save(arrays, metadata={"block": "{}"})
     data_start = 8 + int.from_bytes(draft[:8], "little")
     digest = _tensor_bytes_digest(draft, data_start)
+    # the checksum first: the reader takes it from there without parsing the keys (block_checksum)
     meta = json.dumps({"xxh3": digest, "keys": [key for key, _ in samples]})
     blob = st_save(arrays, metadata={"block": meta})
     if compression == "zstd":
@@ -155,12 +156,39 @@ def encode_block(samples: list[tuple[str, dict[str, np.ndarray]]], compression: 
 
 @dataclass
 class Block:
-    keys: list[str]
     arrays: dict[str, np.ndarray]
+    meta: str  # the block's metadata: {"xxh3": ..., "keys": [...]} as JSON
+    where: str = "block"
+
+    @property
+    def keys(self) -> list[str]:
+        """The samples' keys, parsed on use: the loader never needs them, and parsing the key
+        list of a 1000-sample block costs about as much as checking the block's checksum."""
+        try:
+            return orjson.loads(self.meta)["keys"]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as error:
+            raise ShardError(
+                f"{self.where}: block keys cannot be decoded ({type(error).__name__}: {error})"
+            ) from None
+
+
+# The writer's metadata starts with the checksum (json.dumps of {"xxh3": ..., "keys": ...}): it is
+# read from that fixed place, anything else is parsed whole.
+_CHECKSUM_PREFIX = '{"xxh3": "'
+
+
+def block_checksum(meta: str) -> str | None:
+    """The xxh3 recorded in a block's metadata, without parsing its key list."""
+    at = len(_CHECKSUM_PREFIX)
+    if meta.startswith(_CHECKSUM_PREFIX) and meta[at + 16 : at + 18] == '",':
+        return meta[at : at + 16]
+    parsed = orjson.loads(meta)
+    return parsed.get("xxh3") if isinstance(parsed, dict) else None
 
 
 def decode_block(blob: bytes, where: str, compressed: bool) -> Block:
-    """The keys and arrays of one block; raises ShardError naming `where` when it is corrupt."""
+    """The arrays of one block (its keys parsed on use); raises ShardError naming `where` when it
+    is corrupt."""
     try:
         if compressed:
             import zstandard
@@ -168,15 +196,16 @@ def decode_block(blob: bytes, where: str, compressed: bool) -> Block:
             # writable memory, as the plain blocks are, so tensors can view the columns
             blob = memoryview(bytearray(zstandard.ZstdDecompressor().decompress(blob)))
         metadata, arrays = _views(blob)
-        meta = orjson.loads(metadata["block"])
+        meta = metadata["block"]
+        checksum = block_checksum(meta)
         data_start = 8 + int.from_bytes(blob[:8], "little")
     except Exception as error:  # zstd, json and a garbled header raise several types
         raise ShardError(
             f"{where}: block cannot be decoded ({type(error).__name__}: {error})"
         ) from None
-    if meta.get("xxh3") != _tensor_bytes_digest(blob, data_start):
+    if checksum != _tensor_bytes_digest(blob, data_start):
         raise ShardError(f"{where}: block checksum mismatch (corrupt data)")
-    return Block(meta["keys"], arrays)
+    return Block(arrays, meta, where)
 
 
 # ---- files and records -----------------------------------------------------------------------
