@@ -335,6 +335,28 @@ def test_gathering_several_batches_at_once_changes_no_batch(tmp_path, monkeypatc
         assert all(a.equal(b) for a, b in zip(runs[1], runs[gather_batches]))
 
 
+def test_sample_orders_drawn_ahead_are_each_shards_own(tmp_path, monkeypatch):
+    """Sample orders are drawn several shards ahead; each is still its own shard's (seeded by
+    epoch and shard), so the batches are those of orders drawn one at a time."""
+    manifest = write_shards(tmp_path / "s", [20 + 3 * i for i in range(11)])
+    runs = {}
+    for ahead in (1, 4, 16):
+        monkeypatch.setattr(shard_stream, "SAMPLE_ORDERS_AHEAD", ahead)
+        _, batches, _ = epoch_batches(tmp_path / "s", manifest, rank=0, workers=0, start=2)
+        runs[ahead] = [b["item_ids"] for b in batches]
+    stream = TeacherShardStream(tmp_path / "s", manifest, 0, 2, 16, 0, seed=3)
+    in_order = np.concatenate(  # the rank's samples in epoch 1, each shard in its own order
+        [
+            stream.read_shard(shard).fields["item_ids"][stream._sample_order(shard, 1)]
+            for shard in stream._plan(1)[0][0]
+        ]
+    )
+    assert runs[1][0][:, 0].numpy().tolist() == in_order[32:48].tolist()  # batch 2 (start=2)
+    assert len(runs[1]) == len(runs[16]) > 5
+    for ahead in (4, 16):
+        assert all(a.equal(b) for a, b in zip(runs[1], runs[ahead]))
+
+
 def test_cached_shards_give_the_same_batches_without_reading_again(tmp_path):
     manifest = write_shards(tmp_path / "s", [40, 40, 40, 40])
     per_epoch = None
