@@ -379,7 +379,7 @@ def test_cached_shards_give_the_same_batches_without_reading_again(tmp_path):
     assert per_epoch and all(a.equal(b) for a, b in zip(runs[0], runs[100]))
 
 
-def as_shard(ragged: dict[str, np.ndarray], name: str, hidden_dtype: str) -> ShardColumns:
+def as_shard(ragged: dict[str, np.ndarray], hidden_dtype: str) -> ShardColumns:
     """A ragged set as one decoded shard, its hidden rows stored as float16, bfloat16 bits or
     int8 with a per-row scale."""
     arrays = dict(ragged)
@@ -389,7 +389,7 @@ def as_shard(ragged: dict[str, np.ndarray], name: str, hidden_dtype: str) -> Sha
     elif hidden_dtype == "int8":
         arrays["hidden_2"] = np.round(values * 40).clip(-127, 127).astype(np.int8)
         arrays["hidden_2_scale"] = np.full(len(values), 1 / 40, np.float32)
-    return ShardColumns([Block(arrays, '{"keys": []}')], name)
+    return ShardColumns([Block(arrays, '{"keys": []}')])
 
 
 @pytest.mark.parametrize("mode", ["sequence", "prefix"])
@@ -397,10 +397,7 @@ def as_shard(ragged: dict[str, np.ndarray], name: str, hidden_dtype: str) -> Sha
 @pytest.mark.parametrize("hidden_dtype", ["float16", "bfloat16", "int8"])
 def test_batches_assembled_on_the_device_equal_the_loaders(mode, even_hidden, hidden_dtype):
     rng = np.random.default_rng(1)
-    shards = [
-        as_shard(random_ragged(rng, n, mode, even_hidden), f"s{n}", hidden_dtype)
-        for n in (9, 14, 7)
-    ]
+    shards = [as_shard(random_ragged(rng, n, mode, even_hidden), hidden_dtype) for n in (9, 14, 7)]
     # 3 batches of 4 from three shards, samples drawn out of order, one shard in two runs
     parts = [
         (shards[0], np.asarray([8, 2, 5])),

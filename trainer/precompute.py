@@ -145,6 +145,11 @@ def load_teacher_zero3(path: Path, ds_config_path: str):
 # ---- samples -------------------------------------------------------------------------------
 
 
+def block_size_of(cfg: dict) -> int:
+    """Samples per block: `block_size`, or by default the whole group (one block per file)."""
+    return cfg["block_size"] or cfg["shard_size"]
+
+
 def teacher_id(teacher_dir: Path) -> dict:
     config_bytes = (teacher_dir / "teacher_config.json").read_bytes()
     return {
@@ -213,7 +218,7 @@ def main(argv=None) -> int:
             f"rank {rank}: {len(mine) - len(todo)} of {len(mine)} groups already done, {len(todo)} to write"
         )
 
-    block_size = cfg["block_size"] or size
+    block_size = block_size_of(cfg)
     sink = ShardSink(
         out_dir,
         max_blocks=-(-size // block_size),
@@ -305,7 +310,7 @@ def write_manifest(
         "hidden_positions": list(cfg["hidden_positions"])
         if cfg["data"]["mode"] == "sequence"
         else ["last"],
-        "block_size": cfg["block_size"] or cfg["shard_size"],
+        "block_size": block_size_of(cfg),
         "compression": cfg["compression"],
         "dtypes": {
             "item_ids": str(id_dtype(model_config.num_items)),

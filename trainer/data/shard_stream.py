@@ -103,8 +103,7 @@ class ShardColumns:
     """One shard's samples as concatenated columns: every field one array, rows of sample i of a
     row group at starts[group][i] .. + counts[group][i]."""
 
-    def __init__(self, blocks: list, name: str):
-        self.name = name
+    def __init__(self, blocks: list):
         fields = [key for key in blocks[0].arrays if not key.startswith("counts_")]
         # one block (precompute's default): the zero-copy views of the blob; several blocks are
         # joined by a copy into new memory (3 blocks: 2/3 the rate of 1, docs/benchmarks.md)
@@ -694,7 +693,7 @@ class TeacherShardStream(IterableDataset):
             return self._cache[shard["file"]]
         path = self.shard_dir / shard["file"]
         blocks = read_blocks(path, self._buffers)
-        columns = ShardColumns(blocks, shard["file"]) if blocks else None
+        columns = ShardColumns(blocks) if blocks else None
         found = len(columns) if columns is not None else 0
         if found != shard["count"]:
             raise ShardError(
