@@ -62,6 +62,9 @@ def test_distill_check_passes_and_names_a_vocabulary_mismatch(pipeline, other_da
         ("trainer/teacher.py", ["data.dir=/nonexistent"], "not a prepared data folder"),
         ("trainer/precompute.py", ["teacher=/nonexistent"], "teacher /nonexistent: no such folder"),
         ("trainer/precompute.py", ["compression=lz4"], "compression 'lz4': use one of none, zstd"),
+        ("trainer/precompute.py", ["shard_size=10XB"], "shard_size '10XB': write a size such as 10MB"),
+        ("trainer/precompute.py", ["shard_size=0"], "shard_size 0: a count of examples (1000) or a size"),
+        ("trainer/precompute.py", ["shard_size=10MB", "min_shards=0"], "min_shards 0: a count of at least 1"),
     ],
 )  # fmt: skip
 def test_checks_name_the_bad_key_or_path(pipeline, tmp_path, script, args, expected):

@@ -117,6 +117,72 @@ def test_rerun_discards_half_written_group(runs, teacher_release, demo_data, tmp
     assert load_manifest(out)["shards"] == manifest["shards"]  # byte-identical shards again
 
 
+def test_groups_sized_by_bytes_hold_the_same_samples(runs, teacher_release, demo_data, tmp_path):
+    """shard_size as a size: groups of about that many bytes, each sample exactly the bytes
+    planned for it, the same samples as groups of a count."""
+    import yaml
+
+    from recdistill.models.teacher import load_teacher_config
+    from recdistill.trainer.data.pipeline import load_sequences
+    from recdistill.trainer.data.teacher_outputs import example_bytes, plan_examples
+
+    out = tmp_path / "sized"
+    run_precompute(
+        teacher_release,
+        demo_data,
+        out,
+        1,
+        "hidden_layers=[2,4]",
+        "shard_size=100kB",
+        "min_shards=4",
+    )
+    manifest = load_manifest(out)
+    sized, one = all_samples(out), all_samples(runs / "one")
+    assert sorted(sized) == sorted(one)
+    for key in one:  # other groups batch the teacher's forwards differently: float rounding
+        assert np.array_equal(sized[key]["topk_ids"], one[key]["topk_ids"]), key
+        np.testing.assert_allclose(sized[key]["logsumexp"], one[key]["logsumexp"], rtol=1e-4)
+    cfg = yaml.safe_load((out / "precompute_config.yaml").read_text())
+    config = load_teacher_config(teacher_release)
+    examples = plan_examples(load_sequences(demo_data)[0]["train"]["items"], cfg["data"])
+    for example in examples:  # the stored arrays plus an int32 count for each of 4 row groups
+        stored = sum(value.nbytes for value in sized[example[0]].values()) + 4 * 4
+        assert stored == example_bytes(example, cfg, config.num_items, config.hidden_size)
+    per_group = manifest["examples_per_group"]
+    assert per_group != 150 and manifest["block_size"] == per_group
+    full = [s for s in manifest["shards"] if s["count"] == per_group]
+    # on average about the size asked for, plus the block's and the tar's headers (the tar pads
+    # to records of 10,240 bytes): about 10% more at 100 kB
+    mean_bytes = sum(s["bytes"] for s in full) / len(full)
+    assert len(full) >= 3 and 100_000 <= mean_bytes < 125_000, mean_bytes
+
+
+@pytest.mark.parametrize("change", ["topk=10", "retrained"])
+def test_rerun_with_another_teacher_or_setting_is_refused_and_keeps_the_shards(
+    runs, teacher_release, demo_data, tmp_path, change
+):
+    """Finished groups are kept only for the teacher, data and settings that wrote them."""
+    out = tmp_path / "shards"
+    shutil.copytree(runs / "two", out)
+    teacher, overrides = teacher_release, [change]
+    if change == "retrained":  # the same config, other weights
+        teacher = tmp_path / "teacher"
+        shutil.copytree(teacher_release, teacher)
+        model = LLMRecTeacher.from_pretrained(teacher)
+        with torch.no_grad():
+            next(model.parameters()).add_(0.01)
+        model.save_pretrained(teacher)
+        overrides = []
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    result = run_precompute(
+        teacher, demo_data, out, 2, "hidden_layers=[2,4]", *overrides, check=False
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    expected = "topk" if change == "topk=10" else "teacher_weights_sha256"
+    assert "group-000000.json: written with another" in result.stderr and expected in result.stderr
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+
+
 def test_samples_hold_what_the_teacher_computes(runs, teacher_release, demo_data):
     manifest = load_manifest(runs / "two")
     assert (

@@ -532,3 +532,33 @@ def test_read_buffers_are_reused_only_when_nothing_views_them(tmp_path):
         for shard in manifest["shards"][1:]:
             stream.read_shard(shard)
     assert all(np.array_equal(kept.fields[key], copies[key]) for key in copies)
+
+
+def test_groups_sized_by_bytes_hand_worked():
+    """example_bytes and group_size against a hand count (no hidden states, then float16 and int8
+    hidden states), and the min_shards floor."""
+    from recdistill.trainer.data.teacher_outputs import example_bytes, group_size
+
+    cfg = {"topk": 10, "temperatures": [1.0], "hidden_layers": [], "data": {"mode": "sequence"}}
+    example = ("u0", 0, [1, 2, 3, 4], [2, 3, 4, 5])
+    # per target: id 2 + 10 ids of 2 + 10 float16 scores + log-sum-exp 4 + log p 4 = 50;
+    # 4 item ids 8 + 4 targets 200 + user_row 8 + counts of 3 row groups 12 = 228
+    assert example_bytes(example, cfg, num_items=100, hidden_size=8) == 228
+    # 70,000 items: int32 ids, 4 + 10 * 6 + 8 = 72 a target: 16 + 288 + 8 + 12 = 324
+    assert example_bytes(example, cfg, num_items=70_000, hidden_size=8) == 324
+    hidden = {
+        **cfg,
+        "hidden_layers": [1, 2],
+        "hidden_positions": [-1, -2],
+        "hidden_dtype": "float16",
+    }
+    # 2 positions: 4 (position) + 2 layers x 8 x 2 bytes each, + the hidden counts 4
+    assert example_bytes(example, hidden, 100, 8) == 228 + 2 * (4 + 32) + 4
+    hidden["hidden_dtype"] = "int8"  # 8 bytes and a float32 scale a row and layer
+    assert example_bytes(example, hidden, 100, 8) == 228 + 2 * (4 + 2 * 12) + 4
+    examples = [example] * 1000
+    assert group_size({**cfg, "shard_size": 150}, examples, 100, 8) == 150
+    sized = {**cfg, "shard_size": "22.8kB", "min_shards": 1}
+    assert group_size(sized, examples, 100, 8) == 100  # 22,800 / 228
+    assert group_size({**sized, "min_shards": 20}, examples, 100, 8) == 50  # 1000 // 20
+    assert group_size({**sized, "min_shards": 5000}, examples, 100, 8) == 1

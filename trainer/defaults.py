@@ -72,7 +72,10 @@ PRECOMPUTE: dict = {
     ],  # sequence mode: positions (from the end) whose hidden states are stored
     "hidden_dtype": "float16",  # float16 | bfloat16 | int8
     "batch_size": 64,
-    "shard_size": 1000,  # examples per group (the unit of work and of resume)
+    # examples per group (the unit of work and of resume; one shard file unless it passes
+    # shard_max_bytes), or a size ("10MB"): as many examples as take that many bytes on average
+    "shard_size": "10MB",
+    "min_shards": 128,  # with a size: at least this many groups (small data: smaller shards)
     "shard_max_bytes": 256_000_000,  # a group's tar files roll over at this size
     # samples per columnar block (one tar entry, one checksum); null: the whole group, one block
     # per file, which the loader reads without a copy (several blocks are joined by a copy)

@@ -5,6 +5,7 @@ Each raises a JobError naming the file, key or shard."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from recdistill.trainer.config import ConfigError
@@ -28,6 +29,17 @@ def required(cfg: dict, key: str):
     if value in (None, ""):
         raise ConfigError(f"{key} is not set (in the config file or as {key}=...)")
     return value
+
+
+BYTE_UNITS = {"kB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def size_in_bytes(value: str, key: str) -> int:
+    """A size written as '10MB', '512kB' or '1.5GB' (decimal units) in bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(kB|MB|GB)\s*", str(value))
+    if not match or float(match[1]) <= 0:
+        raise ConfigError(f"{key} {value!r}: write a size such as 10MB (units: kB, MB, GB)")
+    return int(float(match[1]) * BYTE_UNITS[match[2]])
 
 
 def data_stats(data_dir, key: str = "data.dir") -> dict:

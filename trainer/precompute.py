@@ -11,7 +11,9 @@ as uint16 when the catalogue has fewer than 65,536 items, else int32. Samples ar
 columnar blocks of `block_size` (trainer/data/shards.py, format 2), optionally zstd-compressed.
 Once per run: the teacher's item table and manifest.json.
 
-Examples are planned in groups of `shard_size` independent of the number of ranks; rank r
+Examples are planned in groups (one shard file each unless it passes `shard_max_bytes`) of
+`shard_size` examples, or of about `shard_size` bytes ("10MB", the default: the loader's per-shard
+cost then weighs little against the shard's bytes), independent of the number of ranks; rank r
 writes groups r, r + world, ... A rerun skips groups whose shards match their record and redoes
 the rest, so any kill and rerun ends with exactly the samples of an uninterrupted run.
 
@@ -58,11 +60,23 @@ from recdistill.trainer.data.shards import (
     verify_group,
     write_json_atomic,
 )
-from recdistill.trainer.data.teacher_outputs import batch_samples, plan_examples, temperatures_of
+from recdistill.trainer.data.teacher_outputs import (
+    batch_samples,
+    group_size,
+    plan_examples,
+    temperatures_of,
+)
 from recdistill.trainer.deepspeed_host import init_distributed, local_world_size
 from recdistill.trainer.defaults import PRECOMPUTE as DEFAULTS
 from recdistill.trainer.errors import JobError
-from recdistill.trainer.inputs import choice, data_stats, existing_dir, existing_file, required
+from recdistill.trainer.inputs import (
+    choice,
+    data_stats,
+    existing_dir,
+    existing_file,
+    required,
+    size_in_bytes,
+)
 from recdistill.trainer.requeue import STOP_FILE
 from recdistill.trainer.shutdown import run_and_exit
 
@@ -101,8 +115,20 @@ def check_inputs(cfg: dict) -> str:
         raise ConfigError(
             f"data.mode {cfg['data']['mode']!r}: teacher {teacher_dir} was trained in {model_config.mode} mode"
         )
+    if isinstance(cfg["shard_size"], str):
+        size_in_bytes(cfg["shard_size"], "shard_size")
+    elif not is_count(cfg["shard_size"]):
+        raise ConfigError(
+            f"shard_size {cfg['shard_size']!r}: a count of examples (1000) or a size (10MB)"
+        )
+    if not is_count(cfg["min_shards"]):
+        raise ConfigError(f"min_shards {cfg['min_shards']!r}: a count of at least 1")
     refuse_other_format(out_dir)
     return f"teacher {teacher_dir} ({model_config.mode} mode) over {cfg['data']['dir']} ({stats['items']} items) -> {out_dir}"
+
+
+def is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 # ---- examples ------------------------------------------------------------------------------
@@ -145,9 +171,9 @@ def load_teacher_zero3(path: Path, ds_config_path: str):
 # ---- samples -------------------------------------------------------------------------------
 
 
-def block_size_of(cfg: dict) -> int:
+def block_size_of(cfg: dict, group: int) -> int:
     """Samples per block: `block_size`, or by default the whole group (one block per file)."""
-    return cfg["block_size"] or cfg["shard_size"]
+    return cfg["block_size"] or group
 
 
 def teacher_id(teacher_dir: Path) -> dict:
@@ -157,6 +183,54 @@ def teacher_id(teacher_dir: Path) -> dict:
         "weights_sha256": sha256_file(teacher_dir / WEIGHTS_FILE),
         "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
     }
+
+
+def samples_record(cfg: dict, size: int, teacher: dict, stats: dict) -> dict:
+    """What fixes the samples of a group: the teacher's weights and config, the prepared data
+    (its stats.json, timings aside) and every setting that changes what is stored. Each group
+    record carries it; a rerun keeps finished groups only when it is the same."""
+    prepared = {key: value for key, value in stats.items() if key != "seconds"}
+    return {
+        "teacher_weights_sha256": teacher["weights_sha256"],
+        "teacher_config_sha256": teacher["config_sha256"],
+        "data_stats_sha256": hashlib.sha256(
+            json.dumps(prepared, sort_keys=True).encode()
+        ).hexdigest(),
+        "data": {key: cfg["data"][key] for key in ("mode", "prefixes", "max_len")},
+        "topk": cfg["topk"],
+        "temperatures": list(temperatures_of(cfg)),
+        "hidden_layers": list(cfg["hidden_layers"]),
+        "hidden_positions": list(cfg["hidden_positions"]),
+        "hidden_dtype": cfg["hidden_dtype"],
+        "inference": cfg["inference"],
+        "dtype": cfg["dtype"],
+        "examples_per_group": size,
+        "block_size": block_size_of(cfg, size),
+        "compression": cfg["compression"],
+    }
+
+
+def refuse_other_samples(out_dir: Path, samples: dict) -> None:
+    """Finished groups of another teacher, data or setting in output_dir are neither kept as this
+    run's (the manifest would describe samples they do not hold) nor deleted: the job stops and
+    names them."""
+    for record_path in sorted(out_dir.glob("group-*.json")):
+        try:
+            found = json.loads(record_path.read_text()).get("samples")
+        except json.JSONDecodeError:
+            continue  # a torn record: debris of a kill, redone
+        if found == samples:
+            continue
+        if found is None:
+            why = "it does not say which teacher and settings wrote them (an earlier version did)"
+        else:
+            why = "written with another " + ", ".join(
+                key for key in samples if found.get(key) != samples[key]
+            )
+        raise JobError(
+            f"{record_path}: {why}; choose another output_dir, or delete its shards and group "
+            "records to write them again"
+        )
 
 
 def save_item_table(teacher, path: Path) -> None:
@@ -191,9 +265,13 @@ def main(argv=None) -> int:
     model_config = load_teacher_config(teacher_dir)
     splits, stats = load_sequences(cfg["data"]["dir"])
     examples = plan_examples(splits["train"]["items"], cfg["data"])
-    size = cfg["shard_size"]
+    size = group_size(cfg, examples, model_config.num_items, model_config.hidden_size)
     groups = [(g, examples[g * size : (g + 1) * size]) for g in range(-(-len(examples) // size))]
     mine = [(g, members) for g, members in groups if g % world == rank]
+    identity = [teacher_id(teacher_dir) if rank == 0 else None]  # hashes the weights: once
+    dist.broadcast_object_list(identity, src=0)
+    samples = samples_record(cfg, size, identity[0], stats)
+    refuse_other_samples(out_dir, samples)  # every rank reads the same records: the same error
 
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -218,13 +296,18 @@ def main(argv=None) -> int:
             f"rank {rank}: {len(mine) - len(todo)} of {len(mine)} groups already done, {len(todo)} to write"
         )
 
-    block_size = block_size_of(cfg)
+    if rank == 0:
+        print(
+            f"{len(examples)} examples in {len(groups)} groups of {size} (shard_size {cfg['shard_size']})"
+        )
+    block_size = block_size_of(cfg, size)
     sink = ShardSink(
         out_dir,
         max_blocks=-(-size // block_size),
         max_bytes=cfg["shard_max_bytes"],
         block_size=block_size,
         compression=cfg["compression"],
+        samples=samples,
     )
     progress = tqdm(
         total=sum(len(m) for _, m in todo), desc=f"precompute rank {rank}", unit="ex", position=rank
@@ -264,7 +347,7 @@ def main(argv=None) -> int:
     if rank == 0 and stop_file.exists():
         print("stop requested: finished groups are kept; rerun to complete the shards")
     elif rank == 0:
-        write_manifest(out_dir, cfg, groups, stats, model_config, teacher_dir)
+        write_manifest(out_dir, cfg, size, groups, stats, model_config, identity[0])
     dist.barrier()
     dist.destroy_process_group()  # a process group left to interpreter exit can abort the process
     return 0
@@ -285,7 +368,7 @@ def refuse_other_format(out_dir: Path) -> None:
 
 
 def write_manifest(
-    out_dir: Path, cfg: dict, groups: list, stats: dict, model_config, teacher_dir: Path
+    out_dir: Path, cfg: dict, size: int, groups: list, stats: dict, model_config, teacher: dict
 ) -> None:
     records = []
     for group, members in groups:
@@ -297,7 +380,7 @@ def write_manifest(
     manifest = {
         "format": FORMAT,
         "mode": cfg["data"]["mode"],
-        "teacher": teacher_id(teacher_dir),
+        "teacher": teacher,
         "item_vocab_sha256": stats["item_vocab_sha256"],
         "num_items": model_config.num_items,
         "item_table": ITEM_TABLE_FILE,
@@ -310,7 +393,7 @@ def write_manifest(
         "hidden_positions": list(cfg["hidden_positions"])
         if cfg["data"]["mode"] == "sequence"
         else ["last"],
-        "block_size": block_size_of(cfg),
+        "block_size": block_size_of(cfg, size),
         "compression": cfg["compression"],
         "dtypes": {
             "item_ids": str(id_dtype(model_config.num_items)),
@@ -324,7 +407,7 @@ def write_manifest(
         "data_dir": str(Path(cfg["data"]["dir"]).resolve()),
         "examples": sum(len(m) for _, m in groups),
         "positions": sum(len(e[3]) for _, m in groups for e in m),
-        "examples_per_group": cfg["shard_size"],
+        "examples_per_group": size,
         "bytes": sum(shard["bytes"] for shard in shards),
         "shards": shards,
     }

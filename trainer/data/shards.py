@@ -285,11 +285,13 @@ class ShardSink:
         block_size: int = 1024,
         compression: str = "none",
         queue_size: int = 64,
+        samples: dict | None = None,
     ):
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
         self.out_dir, self.max_blocks, self.max_bytes = out_dir, max_blocks, max_bytes
         self.block_size, self.compression = block_size, compression
+        self.samples = samples  # what made the samples (precompute's samples_record), per record
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.error: BaseException | None = None
         self.bytes_written = 0
@@ -381,6 +383,8 @@ class ShardSink:
                     flush()
                     writer.close()
                     record = {"group": group, "format": FORMAT, "shards": files}
+                    if self.samples is not None:
+                        record["samples"] = self.samples
                     write_json_atomic(group_record_path(self.out_dir, group), record)
         except BaseException as error:  # noqa: BLE001 - handed to the main thread
             self.error = error

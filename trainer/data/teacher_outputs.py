@@ -1,7 +1,7 @@
-"""What precompute stores per example: the examples planned from the train split, and one teacher
-forward turned into per-example arrays (top-K ids and scores, log-sum-exp per temperature, log p of
-the target, hidden states of chosen layers). Shared by trainer/precompute.py and
-bench/precompute.py."""
+"""What precompute stores per example: the examples planned from the train split, their grouping
+into shards, and one teacher forward turned into per-example arrays (top-K ids and scores,
+log-sum-exp per temperature, log p of the target, hidden states of chosen layers). Shared by
+trainer/precompute.py and bench/precompute.py."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from recdistill.trainer.data.batches import pad_right, select_prefixes
 from recdistill.trainer.data.shards import id_dtype
+from recdistill.trainer.inputs import size_in_bytes
 
 
 def plan_examples(train_items: list, data_cfg: dict) -> list[tuple[str, int, list[int], list[int]]]:
@@ -55,6 +56,47 @@ def temperatures_of(cfg: dict) -> tuple[float, ...]:
 def hidden_positions(length: int, wanted: list[int]) -> list[int]:
     """Sequence mode: the configured positions (negative = from the end) inside a sequence."""
     return sorted({min(max(length + p if p < 0 else p, 0), length - 1) for p in wanted})
+
+
+HIDDEN_BYTES = {"float16": 2, "bfloat16": 2, "int8": 1}  # per hidden unit, as stored
+
+
+def example_bytes(example: tuple, cfg: dict, num_items: int, hidden_size: int) -> int:
+    """The bytes of a planned example's arrays as `batch_samples` stores them (a block's headers
+    aside), known before the teacher runs: what sizes groups by bytes (precompute's shard_size)."""
+    _, _, items, targets = example
+    id_bytes = id_dtype(num_items).itemsize
+    topk = min(cfg["topk"], num_items)
+    # per target: its id, top-K ids and float16 scores, float32 log-sum-exp per temperature and
+    # log p of the target
+    per_target = id_bytes + topk * (id_bytes + 2) + 4 * len(temperatures_of(cfg)) + 4
+    size = len(items) * id_bytes + len(targets) * per_target + 8  # + user_row (int64)
+    row_groups = 3  # an int32 count per sample for items, targets and the per-sample fields
+    if cfg["hidden_layers"]:
+        sequence_mode = cfg["data"]["mode"] == "sequence"
+        rows = len(hidden_positions(len(items), cfg["hidden_positions"])) if sequence_mode else 1
+        per_row = HIDDEN_BYTES[cfg["hidden_dtype"]] * hidden_size
+        per_row += 4 if cfg["hidden_dtype"] == "int8" else 0  # its float32 scale
+        size += rows * (4 + len(cfg["hidden_layers"]) * per_row)  # + hidden_positions (int32)
+        row_groups += 1
+    return size + 4 * row_groups
+
+
+def group_size(cfg: dict, examples: list, num_items: int, hidden_size: int) -> int:
+    """Examples per group (and so per shard file): `shard_size` when it is a count; when it is a
+    size ("10MB"), as many examples as take that many bytes on average, but few enough to make at
+    least `min_shards` groups: a small data set still gives every reader of a distillation job
+    shards (its shards are then smaller, and mostly held in the loader's shard cache,
+    `shards.cache_mb`, after the first epoch)."""
+    size = cfg["shard_size"]
+    if not isinstance(size, str):
+        return size
+    if not examples:
+        return 1
+    sample = examples[:: max(1, len(examples) // 100_000)]  # a spread sample gives the mean
+    mean = sum(example_bytes(e, cfg, num_items, hidden_size) for e in sample) / len(sample)
+    by_bytes = round(size_in_bytes(size, "shard_size") / mean)
+    return max(1, min(by_bytes, len(examples) // cfg["min_shards"]))
 
 
 def batch_samples(
