@@ -5,6 +5,7 @@ against the raw read rate of the same files and against the format-1 loader on t
     python bench/data_path.py --shards runs/bench_cpu/ml-1m/shards --workers 0 1 2
     python bench/data_path.py --shards DIR --workers 0 --shard-size 1000   # the same samples, bigger shards
     python bench/data_path.py --shards DIR --workers 0 --shard-size 2500 --block-size 1024  # 3 blocks a shard
+    python bench/data_path.py --shards DIR --workers 0 --copy-files   # files read, not mapped
 
 For each loader setting, batches are drawn for --epochs epochs exactly as trainer/distill.py draws
 them (TeacherShardStream -> make_loader -> iter_batches; no model), the first item left out
@@ -15,8 +16,10 @@ shards and yields GatherPlans, no batch made), and with the batches also assembl
 (torch, DeviceGather). Each row also gives the training thread's own CPU time per batch (what
 the training loop pays to get a batch: with workers, receiving their handed-over groups; in
 process, making the batches). The raw read rate is reading the same files whole into one reused buffer
-(`readinto`, warm page cache: the physical limit of this machine for bytes already in memory; a
-read into new memory runs at the page-fault rate, 2-3 GB/s here), measured before every loader
+(`readinto`, warm page cache: copying bytes already in memory at this machine's copy rate; a
+read into new memory runs at the page-fault rate, 2-3 GB/s here). The loader maps the files
+instead (`shards.map_files`, the default), so it makes no such copy and reads each byte first in its
+checksum pass: its rate can pass this yardstick's. The yardstick is measured before every loader
 run and after the last, the best of them reported (this machine's rate drifts by up to 2x
 between minutes). The format-1 baseline writes the
 same samples as earlier versions did (one safetensors blob per sample) and reads them as they did:
@@ -97,12 +100,13 @@ def loader_rates(
     epochs: int,
     gather: str = "host",
     device: str | None = None,
+    map_files: bool = True,
 ) -> dict:
     """The loader's rates over `epochs` epochs. gather="device": the loader alone yields
     GatherPlans (reading and checking shards, no batch made), or with `device` the batches are
     also assembled there, as trainer/distill.py does with shards.gather=device."""
     stream = TeacherShardStream(
-        shard_dir, manifest, 0, 1, batch_size, workers, seed=0, gather=gather
+        shard_dir, manifest, 0, 1, batch_size, workers, seed=0, gather=gather, map_files=map_files
     )
     batches = sum(stream.steps_per_epoch(epoch) for epoch in range(epochs))
     plans_only = gather == "device" and device is None
@@ -141,13 +145,17 @@ def loader_rates(
     }
 
 
-def loader_parts(shard_dir: Path, manifest: dict, batch_size: int, epochs: int) -> dict:
+def loader_parts(
+    shard_dir: Path, manifest: dict, batch_size: int, epochs: int, map_files: bool = True
+) -> dict:
     """Where the in-process loader's time goes: each part alone over the same shards, in MB/s of
-    shard bytes. `read_decode`: TeacherShardStream.read_shard (tar headers, one read() per block,
+    shard bytes. `read_decode`: TeacherShardStream.read_shard (the file mapped, tar headers,
     checksum, array views), one shard at a time, each dropped before the next as the loader drops
     a gathered shard; `assemble`: the stream's batching of shards already decoded (gathers and
     `to_batches`)."""
-    stream = TeacherShardStream(shard_dir, manifest, 0, 1, batch_size, 0, seed=0)
+    stream = TeacherShardStream(
+        shard_dir, manifest, 0, 1, batch_size, 0, seed=0, map_files=map_files
+    )
     shards = manifest["shards"]
     megabytes = sum(shard["bytes"] for shard in shards) * epochs / 1e6
     # decoded once for `assemble` by a stream of its own: these stay alive, and would hold the
@@ -239,7 +247,12 @@ def format1_rates(shard_dir: Path, manifest: dict, batch_size: int, epochs: int)
 
 
 def measure(
-    shard_dir: Path, batch_size: int, workers: list[int], epochs: int, device: str = "cpu"
+    shard_dir: Path,
+    batch_size: int,
+    workers: list[int],
+    epochs: int,
+    device: str = "cpu",
+    map_files: bool = True,
 ) -> dict:
     manifest = load_manifest(shard_dir)
     files = [shard_dir / s["file"] for s in manifest["shards"]]
@@ -251,12 +264,14 @@ def measure(
         # the page-cache read of the same bytes, next to every loader run: this machine's rate
         # drifts between minutes, and the best of them is the limit
         raw_reads.append(raw_read_mb_per_s(files, passes=epochs))
-        loaders.append(loader_rates(shard_dir, manifest, batch_size, w, epochs, gather, on))
+        loaders.append(
+            loader_rates(shard_dir, manifest, batch_size, w, epochs, gather, on, map_files)
+        )
     raw_reads.append(raw_read_mb_per_s(files, passes=epochs))
     raw = max(raw_reads)
     baseline = format1_rates(shard_dir, manifest, batch_size, epochs)
     cold = cold_read_mb_per_s(files)
-    parts = loader_parts(shard_dir, manifest, batch_size, epochs)
+    parts = loader_parts(shard_dir, manifest, batch_size, epochs, map_files)
     # loaders that make batches (the plans-only row makes none)
     best_per_worker = max(
         entry["positions_per_s_per_worker"]
@@ -265,6 +280,7 @@ def measure(
     )
     return {
         "shards": str(shard_dir),
+        "map_files": map_files,
         "batch_size": batch_size,
         "epochs": epochs,
         "bytes": manifest["bytes"],
@@ -300,7 +316,8 @@ def markdown(result: dict) -> list[str]:
     )
     lines = [
         f"Loader only, batch {result['batch_size']}, {result['epochs']} epochs of "
-        f"`{result['shards']}`; raw read of the same files: {raw:,.0f} MB/s from the page cache "
+        f"`{result['shards']}` ({'mapped' if result.get('map_files', True) else 'read'} by the "
+        f"loader); raw read of the same files: {raw:,.0f} MB/s from the page cache "
         f"(the best of {len(result.get('raw_reads_mb_per_s', [raw]))} reads, one before each "
         f"loader run and one after them), {cold_text}:",
         "",
@@ -407,6 +424,11 @@ def main(argv=None) -> int:
         type=int,
         help="with --shard-size: samples per block (default: one block per shard, as precompute)",
     )
+    parser.add_argument(
+        "--copy-files",
+        action="store_true",
+        help="read each shard file into memory instead of mapping it (shards.map_files: false)",
+    )
     parser.add_argument("--output", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
@@ -414,7 +436,9 @@ def main(argv=None) -> int:
         if args.shard_size:
             shards = Path(scratch) / f"{args.shards.name}-{args.shard_size}"
             reshard(args.shards, shards, args.shard_size, args.block_size)
-        result = measure(shards, args.batch_size, args.workers, args.epochs, args.device)
+        result = measure(
+            shards, args.batch_size, args.workers, args.epochs, args.device, not args.copy_files
+        )
     if args.shard_size:
         blocks = f" in blocks of {args.block_size}" if args.block_size else ""
         result.update(shards=f"{args.shards} rewritten in shards of {args.shard_size}{blocks}")

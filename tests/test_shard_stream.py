@@ -39,11 +39,11 @@ from recdistill.trainer.data.shards import (
 )
 
 
-def write_shards(out, group_sizes: list[int], k: int = 4) -> dict:
+def write_shards(out, group_sizes: list[int], k: int = 4, block_size: int = 16) -> dict:
     """Fake teacher shards: sample i of the whole set has item_ids [i + 1] and target i + 2,
-    in blocks of 16 samples."""
+    in blocks of `block_size` samples."""
     out.mkdir()
-    sink = ShardSink(out, max_blocks=10_000, max_bytes=10**9, block_size=16)
+    sink = ShardSink(out, max_blocks=10_000, max_bytes=10**9, block_size=block_size)
     index = 0
     for group, size in enumerate(group_sizes):
         sink.start_group(group)
@@ -159,11 +159,18 @@ def damage(path, how):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("how", ["truncate", "truncate_header", "flip"])
-def test_damaged_shard_raises_with_its_name(tmp_path, how):
+@pytest.mark.parametrize("how", ["truncate", "truncate_header", "flip", "empty"])
+@pytest.mark.parametrize("map_files", [True, False])
+def test_damaged_shard_raises_with_its_name(tmp_path, how, map_files):
     manifest = write_shards(tmp_path / "s", [60, 60, 60, 60])
     victim = tmp_path / "s" / manifest["shards"][2]["file"]
-    damage(victim, how)
+    if how == "empty":  # a file of no bytes cannot be mapped: it is read, and named
+        victim.write_bytes(b"")
+    else:
+        damage(victim, how)
+    stream = TeacherShardStream(tmp_path / "s", manifest, 0, 1, 16, 0, seed=3, map_files=map_files)
+    with pytest.raises(ShardError, match=victim.name):
+        stream.read_shard(manifest["shards"][2])
     with pytest.raises(ShardError, match=victim.name):
         for rank in (0, 1):
             epoch_batches(tmp_path / "s", manifest, rank, workers=1)
@@ -525,7 +532,7 @@ def test_read_buffers_are_reused_only_when_nothing_views_them(tmp_path):
     assert id(buffers.get(100)) == first_id
     # a shard kept (its columns alive) is never overwritten by the shards read after it
     manifest = write_shards(tmp_path / "s", [40, 40, 40, 40])
-    stream = TeacherShardStream(tmp_path / "s", manifest, 0, 1, 16, 0, seed=3)
+    stream = TeacherShardStream(tmp_path / "s", manifest, 0, 1, 16, 0, seed=3, map_files=False)
     kept = stream.read_shard(manifest["shards"][0])
     copies = {key: values.copy() for key, values in kept.fields.items()}
     for _ in range(3):
@@ -562,3 +569,44 @@ def test_groups_sized_by_bytes_hand_worked():
     assert group_size(sized, examples, 100, 8) == 100  # 22,800 / 228
     assert group_size({**sized, "min_shards": 20}, examples, 100, 8) == 50  # 1000 // 20
     assert group_size({**sized, "min_shards": 5000}, examples, 100, 8) == 1
+
+
+def test_mapped_shards_give_the_copied_batches_and_never_write_the_file(tmp_path):
+    """shards.map_files: the same batches as files read into memory; the columns are writable
+    views of a private mapping, so writing into them leaves the file as it was."""
+    import hashlib
+    import mmap
+
+    manifest = write_shards(tmp_path / "s", [40, 50, 60, 30], block_size=64)  # a block a shard
+
+    def batches(map_files: bool) -> list[dict]:
+        stream = TeacherShardStream(
+            tmp_path / "s", manifest, 0, 1, 16, 0, seed=3, map_files=map_files
+        )
+        stream.set_position(1)
+        items = iter_batches(make_loader(stream))
+        return [next(items) for _ in range(2 * stream.steps_per_epoch())]  # two epochs
+
+    for mapped, copied in zip(batches(True), batches(False), strict=True):
+        assert mapped.keys() == copied.keys()
+        assert all(torch.equal(mapped[key], copied[key]) for key in copied)
+
+    def memory_of(array):  # the object at the bottom of a view's chain of buffers
+        while getattr(array, "base", None) is not None or isinstance(array, memoryview):
+            array = array.obj if isinstance(array, memoryview) else array.base
+        return array
+
+    stream = TeacherShardStream(tmp_path / "s", manifest, 0, 1, 16, 0, seed=3)
+    path = tmp_path / "s" / manifest["shards"][1]["file"]
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    columns = stream.read_shard(manifest["shards"][1])
+    scores = columns.fields["topk_scores"]
+    assert isinstance(memory_of(scores), mmap.mmap) and scores.flags.writeable
+    scores[:] = 7.0
+    torch.from_numpy(columns.fields["targets"].view(np.int16)).fill_(3)
+    del columns, scores, stream
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    unmapped = TeacherShardStream(tmp_path / "s", manifest, 0, 1, 16, 0, seed=3, map_files=False)
+    assert not isinstance(
+        memory_of(unmapped.read_shard(manifest["shards"][1]).fields["targets"]), mmap.mmap
+    )

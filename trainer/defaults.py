@@ -100,6 +100,9 @@ DISTILL: dict = {
         "prefetch": 4,  # groups of batches each worker prepares ahead (a group: ~2 MB of shard bytes)
         "cache_mb": 512,  # decoded shards kept for later epochs, MB of shard bytes per worker
         "gather": "host",  # host (loader makes batches) | device (on the model's device; workers 0)
+        # map shard files (mmap: the loader reads the page cache's pages, no copy); false copies
+        # each file into memory (a shard file changed in place while mapped ends the job: SIGBUS)
+        "map_files": True,
         "shuffle_buffer": 1000,  # resampled mode's sample shuffle buffer
         "on_error": "raise",  # raise | skip (damaged shards skipped whole, counted and logged)
         "verify_checksums": False,  # sha256 of every shard at start (reads all of them once)

@@ -365,6 +365,7 @@ def build_stream(cfg: dict, shard_dir, manifest, rank: int, world: int, splits):
             shard_cfg["on_error"],
             shard_cfg["cache_mb"],
             shard_cfg["gather"],
+            shard_cfg["map_files"],
         )
     micro_per_epoch = [stream.steps_per_epoch(epoch) for epoch in range(train_cfg["epochs"])]
     if min(micro_per_epoch) < train_cfg["grad_accum"]:

@@ -587,6 +587,7 @@ class TeacherShardStream(IterableDataset):
         on_error: str = "raise",
         cache_mb: float = 0,
         gather: str = "host",
+        map_files: bool = True,
     ):
         if mode not in ("exact", "resampled"):
             raise ValueError(f"shard mode {mode!r}: use exact or resampled")
@@ -614,7 +615,8 @@ class TeacherShardStream(IterableDataset):
         # once, never evicted: epochs visit shards in random order, so any subset hits as often).
         self.cache_bytes = int(cache_mb * 1e6)
         self._cache: dict[str, ShardColumns] = {}
-        self._buffers = ReadBuffers()
+        self._buffers = ReadBuffers()  # where files are read when they are not mapped
+        self.map_files = map_files  # shards.map_files: mmap each file instead of a copy
         self._cached = 0
         # batches gathered at once: about GATHER_BYTES of shard bytes, 1 to 16
         shards = manifest["shards"]
@@ -692,7 +694,7 @@ class TeacherShardStream(IterableDataset):
         if shard["file"] in self._cache:
             return self._cache[shard["file"]]
         path = self.shard_dir / shard["file"]
-        blocks = read_blocks(path, self._buffers)
+        blocks = read_blocks(path, self._buffers, self.map_files)
         columns = ShardColumns(blocks) if blocks else None
         found = len(columns) if columns is not None else 0
         if found != shard["count"]:
