@@ -58,6 +58,7 @@ def test_distill_check_passes_and_names_a_vocabulary_mismatch(pipeline, other_da
         ("trainer/distill.py", ["train.lr_schedul=linear"], "unknown key 'train.lr_schedul'"),
         ("trainer/distill.py", ["shards.dir=/nonexistent"], "/nonexistent/manifest.json: no manifest"),
         ("trainer/distill.py", ["student.architecture=bert"], "student.architecture 'bert': use one of"),
+        ("trainer/distill.py", ["shards.map_files=maybe"], "shards.map_files 'maybe': use one of True, False"),
         ("trainer/teacher.py", ["train.deepspeed_config=ds_configs/none.json"], "ds_configs/none.json: no such file"),
         ("trainer/teacher.py", ["data.dir=/nonexistent"], "not a prepared data folder"),
         ("trainer/precompute.py", ["teacher=/nonexistent"], "teacher /nonexistent: no such folder"),

@@ -81,6 +81,7 @@ def check_inputs(cfg: dict, resume: bool) -> str:
     choice(cfg, "shards.mode", ["exact", "resampled"])
     choice(cfg, "shards.on_error", ["raise", "skip"])
     choice(cfg, "shards.gather", ["host", "device"])
+    choice(cfg, "shards.map_files", [True, False])
     if cfg["shards"]["gather"] == "device" and cfg["shards"]["workers"] > 0:
         raise ConfigError(DEVICE_GATHER_WORKERS)
     choice(cfg, "student.architecture", list(STUDENTS))
