@@ -149,8 +149,8 @@ def loader_parts(
     shard_dir: Path, manifest: dict, batch_size: int, epochs: int, map_files: bool = True
 ) -> dict:
     """Where the in-process loader's time goes: each part alone over the same shards, in MB/s of
-    shard bytes. `read_decode`: TeacherShardStream.read_shard (the file mapped, tar headers,
-    checksum, array views), one shard at a time, each dropped before the next as the loader drops
+    shard bytes. `read_decode`: TeacherShardStream.read_shard (the file mapped, or read with
+    --copy-files; tar headers, checksum, array views), one shard at a time, each dropped before the next as the loader drops
     a gathered shard; `assemble`: the stream's batching of shards already decoded (gathers and
     `to_batches`)."""
     stream = TeacherShardStream(
