@@ -105,19 +105,21 @@ def test_uneven_shards_give_every_rank_the_same_batches(tmp_path):
 
 
 def group_bytes(manifest: dict, batches: int, batch_size: int = 16) -> float:
-    """A GATHER_BYTES that makes the stream gather (and hand over) `batches` batches at once."""
+    """A GATHER_BYTES (or HANDOVER_BYTES) that makes the stream gather (or hand over) `batches`
+    batches at once."""
     shards = manifest["shards"]
     return batches * batch_size * sum(s["bytes"] for s in shards) / manifest["examples"]
 
 
-@pytest.mark.parametrize("group", [1, 2, 16])
-def test_exact_resume_continues_with_the_same_batches(tmp_path, monkeypatch, group):
+@pytest.mark.parametrize("gathered, group", [(1, 1), (2, 2), (16, 16), (1, 2), (2, 16)])
+def test_exact_resume_continues_with_the_same_batches(tmp_path, monkeypatch, gathered, group):
     """Two loader workers hand over groups of batches in turn (group 2: two rounds, the last of
-    single batches; 16: one group per worker per epoch); resumed at any batch, the rank gets
-    exactly the batches the uninterrupted epoch has from there, and each item that crossed from
-    a worker was one group."""
+    single batches; 16: one group per worker per epoch), each group made of one or more gathers;
+    resumed at any batch, the rank gets exactly the batches the uninterrupted epoch has from
+    there, and each item that crossed from a worker was one group."""
     manifest = write_shards(tmp_path / "s", [70, 50, 90, 40, 60, 60])
-    monkeypatch.setattr(shard_stream, "GATHER_BYTES", group_bytes(manifest, group))
+    monkeypatch.setattr(shard_stream, "GATHER_BYTES", group_bytes(manifest, gathered))
+    monkeypatch.setattr(shard_stream, "HANDOVER_BYTES", group_bytes(manifest, group))
     handed_over = []
     monkeypatch.setattr(
         shard_stream,
@@ -125,7 +127,8 @@ def test_exact_resume_continues_with_the_same_batches(tmp_path, monkeypatch, gro
         lambda packed: handed_over.append(len(packed.layouts)) or unpack_batches(packed),
     )
     stream, full, _ = epoch_batches(tmp_path / "s", manifest, rank=1)
-    assert stream.gather_batches == group and len(full) == stream.steps_per_epoch() == 6
+    assert (stream.gather_batches, stream.group_batches) == (gathered, group)
+    assert len(full) == stream.steps_per_epoch() == 6
     assert handed_over == {1: [1] * 6, 2: [2, 2, 1, 1], 16: [3, 3]}[group]
     for start in range(1, len(full)):
         stream, resumed, _ = epoch_batches(tmp_path / "s", manifest, rank=1, start=start)
@@ -337,8 +340,14 @@ def test_gathering_several_batches_at_once_changes_no_batch(tmp_path, monkeypatc
         monkeypatch.setattr(shard_stream, "GATHER_BYTES", group_bytes(manifest, gather_batches))
         _, batches, _ = epoch_batches(tmp_path / "s", manifest, rank=1, workers=0, start=1)
         runs[gather_batches] = [b["item_ids"] for b in batches]
-    assert len(runs[1]) == len(runs[8]) > 3
-    for gather_batches in (3, 8):
+    # one loader worker handing over groups of several gathers: the same batches again
+    monkeypatch.setattr(shard_stream, "GATHER_BYTES", group_bytes(manifest, 2))
+    monkeypatch.setattr(shard_stream, "HANDOVER_BYTES", group_bytes(manifest, 5))
+    stream, batches, _ = epoch_batches(tmp_path / "s", manifest, rank=1, workers=1, start=1)
+    assert (stream.gather_batches, stream.group_batches) == (2, 5)
+    runs["worker"] = [b["item_ids"] for b in batches]
+    assert len(runs[1]) == len(runs[8]) == len(runs["worker"]) > 3
+    for gather_batches in (3, 8, "worker"):
         assert all(a.equal(b) for a, b in zip(runs[1], runs[gather_batches]))
 
 

@@ -97,7 +97,8 @@ DISTILL: dict = {
         "dir": None,  # trainer/precompute.py output
         "mode": "exact",  # exact (resumes mid-epoch exactly) | resampled (restart-safe, no data state)
         "workers": 2,  # DataLoader worker processes per rank (0: read in the training process)
-        "prefetch": 4,  # groups of batches each worker prepares ahead (a group: ~2 MB of shard bytes)
+        # groups of batches each worker prepares ahead (a group: ~8 MB of shard bytes, in /dev/shm)
+        "prefetch": 4,
         "cache_mb": 512,  # decoded shards kept for later epochs, MB of shard bytes per worker
         "gather": "host",  # host (loader makes batches) | device (on the model's device; workers 0)
         # map shard files (mmap: the loader reads the page cache's pages, no copy); false copies

@@ -30,6 +30,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -210,15 +211,22 @@ def samples_record(cfg: dict, size: int, teacher: dict, stats: dict) -> dict:
     }
 
 
+def group_records(out_dir: Path) -> Iterator[tuple[Path, dict]]:
+    """(path, record) of each finished group's record in output_dir; a torn record (debris of a
+    kill, its group redone) is passed over."""
+    for record_path in sorted(out_dir.glob("group-*.json")):
+        try:
+            yield record_path, json.loads(record_path.read_text())
+        except json.JSONDecodeError:
+            continue
+
+
 def refuse_other_samples(out_dir: Path, samples: dict) -> None:
     """Finished groups of another teacher, data or setting in output_dir are neither kept as this
     run's (the manifest would describe samples they do not hold) nor deleted: the job stops and
     names them."""
-    for record_path in sorted(out_dir.glob("group-*.json")):
-        try:
-            found = json.loads(record_path.read_text()).get("samples")
-        except json.JSONDecodeError:
-            continue  # a torn record: debris of a kill, redone
+    for record_path, record in group_records(out_dir):
+        found = record.get("samples")
         if found == samples:
             continue
         if found is None:
@@ -355,11 +363,8 @@ def main(argv=None) -> int:
 
 def refuse_other_format(out_dir: Path) -> None:
     """Shards of another format version in output_dir are never deleted to make room."""
-    for record_path in sorted(out_dir.glob("group-*.json")):
-        try:
-            found = json.loads(record_path.read_text()).get("format")
-        except json.JSONDecodeError:
-            continue  # a torn record: debris of a kill, redone
+    for record_path, record in group_records(out_dir):
+        found = record.get("format")
         if found != FORMAT:
             raise SystemExit(
                 f"{record_path}: output_dir holds shards of format {found or 'recdistill-teacher-shards/1'}; "

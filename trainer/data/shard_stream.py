@@ -20,7 +20,7 @@ Two modes:
   workers, and shuffles samples within each shard (seeded by epoch and shard; the shard is the
   shuffle buffer). Every worker yields the same number of batches, so every rank runs the same
   number of steps whatever the shard sizes; a worker hands its batches over in groups (of
-  `gather_batches`, the last of an epoch smaller), taken from workers 0..W-1 in turn. The
+  `group_batches`, the last of an epoch smaller), taken from workers 0..W-1 in turn. The
   position in an epoch is therefore one number, the batches consumed; it maps to (shard,
   offset) per worker from the manifest's counts, which is how a resumed job continues exactly.
   The stream runs on from epoch to epoch by itself, so workers start once per job (persistent).
@@ -58,8 +58,12 @@ log = logging.getLogger(__name__)
 # Batches are gathered and split several at once, about this many shard bytes together (at most
 # 16 batches): one set of numpy calls for several small batches, whose per-call overhead costs
 # more than their bytes; large batches go one at a time (bigger gathers fall out of the CPU cache).
-# A group so gathered is also what a loader worker hands over as one item (PackedBatches).
 GATHER_BYTES = 2_000_000
+# A loader worker hands over its batches in groups of about this many shard bytes (at most 64
+# batches, at least one gather), one item each (PackedBatches): an item costs the training thread
+# about 0.45 ms whatever its size, which a group shares among its batches. In the training process
+# (no workers) a group is one gather.
+HANDOVER_BYTES = 8_000_000
 # shards whose sample orders are drawn at once (TeacherShardStream._sample_orders)
 SAMPLE_ORDERS_AHEAD = 16
 
@@ -618,10 +622,17 @@ class TeacherShardStream(IterableDataset):
         self._buffers = ReadBuffers()  # where files are read when they are not mapped
         self.map_files = map_files  # shards.map_files: mmap each file instead of a copy
         self._cached = 0
-        # batches gathered at once: about GATHER_BYTES of shard bytes, 1 to 16
+        # batches gathered at once (about GATHER_BYTES of shard bytes, 1 to 16), and batches a
+        # worker hands over at once (about HANDOVER_BYTES, up to 64; in process, one gather)
         shards = manifest["shards"]
         sample_bytes = sum(s["bytes"] for s in shards) / max(1, sum(s["count"] for s in shards))
-        self.gather_batches = int(min(16, max(1, GATHER_BYTES // (batch_size * sample_bytes))))
+        batch_bytes = batch_size * sample_bytes
+        self.gather_batches = int(min(16, max(1, GATHER_BYTES // batch_bytes)))
+        self.group_batches = self.gather_batches
+        if self.processes:
+            self.group_batches = int(
+                min(64, max(self.gather_batches, HANDOVER_BYTES // batch_bytes))
+            )
         if len(manifest["shards"]) < world:
             raise ShardError(
                 f"{self.shard_dir}: {len(manifest['shards'])} shards for {world} ranks; write smaller shards"
@@ -664,7 +675,7 @@ class TeacherShardStream(IterableDataset):
         """Batches logical `worker` made before batch `start_batch` of `epoch` (default: the
         position set by `set_position`)."""
         rounds, into, size = self._round_at(start_batch, epoch)
-        return rounds * self.gather_batches + min(max(into - worker * size, 0), size)
+        return rounds * self.group_batches + min(max(into - worker * size, 0), size)
 
     def _owner(self, start_batch: int, epoch: int) -> int:
         """The logical worker whose group holds batch `start_batch` of `epoch` (0 past its end)."""
@@ -674,12 +685,12 @@ class TeacherShardStream(IterableDataset):
     def _round_at(self, start_batch: int | None, epoch: int | None) -> tuple[int, int, int]:
         """(rounds before it, batches into its round, its groups' size) of a batch of an epoch.
 
-        A worker makes its batches in groups of `gather_batches` (the last group of an epoch may
+        A worker makes its batches in groups of `group_batches` (the last group of an epoch may
         be smaller) and the rank takes whole groups in turn from workers 0..W-1: round r holds
         group r of every worker. Every worker makes the same number of batches in an epoch, so
         every round's groups have one size, and a position maps to each worker's count."""
         start = self.start_batch if start_batch is None else start_batch
-        group, workers = self.gather_batches, self.workers
+        group, workers = self.group_batches, self.workers
         per_worker = self.steps_per_epoch(epoch) // workers
         full_rounds = per_worker // group
         if start < full_rounds * workers * group:
@@ -784,29 +795,34 @@ class TeacherShardStream(IterableDataset):
         self, runs, limit: int | None, skipped: list[str], pack: bool, done: int = 0
     ) -> Iterator:
         """Batches of `batch_size` samples from (columns, indices) runs, at most `limit`; markers
-        for skips. A group of `gather_batches` batches is gathered and split at once
-        (`to_batches`, GATHER_BYTES), and crosses from a worker process as one item (`pack`); the
-        groups start at the worker's batch 0 of the epoch (`done`: batches it made before these),
-        which is what makes a position one number (`_round_at`). The runs of an exact epoch
-        always hold `limit` batches, and samples beyond them are left out of that epoch (every
-        worker makes the same number of batches)."""
+        for skips. Up to `gather_batches` batches are gathered and split at once (`to_batches`,
+        GATHER_BYTES); a group of `group_batches` crosses from a worker process as one item
+        (`pack`, HANDOVER_BYTES). The groups start at the worker's batch 0 of the epoch (`done`:
+        batches it made before these), which is what makes a position one number (`_round_at`).
+        The runs of an exact epoch always hold `limit` batches, and samples beyond them are left
+        out of that epoch (every worker makes the same number of batches)."""
         parts, have, made = [], 0, 0
+        group: list[dict[str, torch.Tensor]] = []  # batches of the worker's group, not yet packed
 
-        def wanted() -> int:  # samples of the next gather: the rest of the current group
-            batches = self.gather_batches - (done + made) % self.gather_batches
-            if limit is not None:
-                batches = min(batches, limit - made)
-            return batches * self.batch_size
+        def left_in_group() -> int:
+            batches = self.group_batches - (done + made) % self.group_batches
+            return batches if limit is None else min(batches, limit - made)
 
-        def split(parts: list):
+        def wanted() -> int:  # samples of the next gather: at most the rest of the current group
+            return min(self.gather_batches, left_in_group()) * self.batch_size
+
+        def assembled(parts: list) -> Iterator:
             if self.gather == "device":  # assembled where the model runs: iter_batches
                 yield GatherPlan(parts, self.batch_size, self.sample_mode)
                 return
             batches = to_batches(gather(parts), self.batch_size, self.sample_mode)
-            if pack:  # one item, one shared-memory segment, for the group
-                yield pack_batches(batches)
-            else:
+            if not pack:
                 yield from batches
+                return
+            group.extend(batches)
+            if left_in_group() == len(batches):  # the group is complete: one item, one segment
+                yield pack_batches(group)
+                group.clear()
 
         target = wanted()
         for columns, indices in runs:
@@ -818,7 +834,7 @@ class TeacherShardStream(IterableDataset):
                 parts.append((columns, chunk))
                 have += len(chunk)
                 if have == target:
-                    yield from split(parts)
+                    yield from assembled(parts)
                     made += target // self.batch_size
                     parts, have = [], 0
                     if limit is not None and made >= limit:
