@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -124,7 +125,9 @@ def test_exact_resume_continues_with_the_same_batches(tmp_path, monkeypatch, gat
     monkeypatch.setattr(
         shard_stream,
         "unpack_batches",
-        lambda packed: handed_over.append(len(packed.layouts)) or unpack_batches(packed),
+        lambda packed, device: (
+            handed_over.append(len(packed.layouts)) or unpack_batches(packed, device)
+        ),
     )
     stream, full, _ = epoch_batches(tmp_path / "s", manifest, rank=1)
     assert (stream.gather_batches, stream.group_batches) == (gathered, group)
@@ -277,6 +280,20 @@ def test_to_batch_gathers_ragged_samples_hand_worked():
     for got, sent in zip(unpacked, group):
         assert got.keys() == sent.keys()
         assert all(got[k].equal(sent[k]) and got[k].dtype == sent[k].dtype for k in sent)
+    # bound for a device, the group is moved whole before it is unpacked: every field arrives
+    # there (the meta device stands in for a GPU), in its dtype and shape, with no per-field copy
+    moved = []
+    original_to = torch.Tensor.to
+    with patch.object(
+        torch.Tensor, "to", lambda t, *a, **k: moved.append(t.dtype) or original_to(t, *a, **k)
+    ):
+        on_device = list(iter_batches([pack_batches(group)], "meta"))
+    assert moved == [torch.uint8]
+    for got, sent in zip(on_device, group):
+        assert got.keys() == sent.keys()
+        for k in sent:
+            assert got[k].device.type == "meta", k
+            assert (got[k].dtype, got[k].shape) == (sent[k].dtype, sent[k].shape), k
 
 
 def random_ragged(rng, samples: int, mode: str, even_hidden: bool) -> dict[str, np.ndarray]:

@@ -526,9 +526,11 @@ def pack_batches(batches: list[dict[str, torch.Tensor]]) -> PackedBatches:
     return PackedBatches(buffer, layouts)
 
 
-def unpack_batches(packed: PackedBatches) -> list[dict[str, torch.Tensor]]:
+def unpack_batches(packed: PackedBatches, device="cpu") -> list[dict[str, torch.Tensor]]:
     """Zero-copy views of the packed batches' fields (two view calls a field: the training
-    thread pays for these)."""
+    thread pays for these), on `device`: the group's buffer is copied there whole, one copy
+    (non-blocking from pinned memory on CUDA) instead of one per field and batch."""
+    packed = PackedBatches(packed.buffer.to(device, non_blocking=True), packed.layouts)
     typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer as each dtype (fields 8-byte aligned)
     batches = []
     for layout in packed.layouts:
@@ -543,14 +545,15 @@ def unpack_batches(packed: PackedBatches) -> list[dict[str, torch.Tensor]]:
 
 
 def iter_batches(loader: Iterable, device="cpu"):
-    """The loader's items as batch dicts, one at a time (unpacked when a group crossed from a
-    worker, assembled on `device` when the loader made GatherPlans) or skip markers."""
+    """The loader's items as batch dicts, one at a time, or skip markers. A group that crossed
+    from a worker is moved to `device` whole and unpacked there; GatherPlans are assembled there;
+    batches made in process stay on the host (`batch_to_device` moves them)."""
     on_device = DeviceGather(device)
     for item in loader:
         if isinstance(item, GatherPlan):
             yield from on_device.batches(item)
         elif isinstance(item, PackedBatches):
-            yield from unpack_batches(item)
+            yield from unpack_batches(item, device)
         else:
             yield item
 
