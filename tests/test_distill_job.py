@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -97,7 +98,13 @@ def test_killed_run_resumes_exactly(pipeline, tmp_path):
     cut = [*common, "shards.gather=device"]
     killed = run_distill(pipeline, tmp_path / "cut", *cut, "train.kill_at_step=30", check=False)
     assert killed.returncode != 0 and not (tmp_path / "cut/final").exists()
-    run_distill(pipeline, tmp_path / "cut", *cut, "--resume")
+    # resumed with other loader settings, the job says the rest of the epoch is other batches
+    shutil.copytree(tmp_path / "cut", tmp_path / "other")
+    other = run_distill(pipeline, tmp_path / "other", *common, "shards.workers=2", "--resume")
+    assert "is not the batches the interrupted run would have drawn" in other.stderr
+    assert "worker 1 shard-" in other.stderr  # this run's second reader, named
+    resumed_run = run_distill(pipeline, tmp_path / "cut", *cut, "--resume")
+    assert "is not the batches" not in resumed_run.stderr
     whole, resumed = terms_by_step(tmp_path / "whole"), terms_by_step(tmp_path / "cut")
     assert sorted(resumed) == list(range(5, 41, 5))  # one line per logging window
     for step in range(25, 41, 5):

@@ -241,6 +241,29 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def resume_position_warning(recorded: list[dict], stream, epoch: int) -> str | None:
+    """Why the rest of a resumed epoch will not be the interrupted run's batches, or None. The
+    checkpoint records where rank 0's readers were (shard and offset per worker); the stream maps
+    the same position again from this run's settings, and other workers, batch size, processes or
+    group size map it elsewhere (said, not refused: only that epoch's remainder differs)."""
+    if not recorded or stream.mode != "exact" or stream.rank != 0:
+        return None
+    current = stream.worker_positions()
+    if current == recorded:
+        return None
+
+    def where(positions: list[dict]) -> str:
+        return ", ".join(f"worker {p['worker']} {p['shard']} +{p['offset']}" for p in positions)
+
+    return (
+        f"warning: the checkpoint's readers were at {where(recorded)}; this run's settings put them "
+        f"at {where(current)} (shards.workers, train.batch_size, the number of processes or the "
+        f"loader's group size changed): the rest of epoch {epoch} is not the batches the "
+        "interrupted run would have drawn (some samples may repeat or be left out), later epochs "
+        "are as planned"
+    )
+
+
 def next_batch(batches, state: dict, accelerator):
     """The next batch, counting and logging the damaged shards the stream reports on the way."""
     for item in batches:
@@ -542,6 +565,8 @@ def main(argv=None) -> int:
     # One loader for the whole job: the stream runs on across epochs by itself, and every rank
     # knows each epoch's batch count from the plan, so no step asks the other ranks anything.
     stream.set_position(s["epoch"], s["batch_in_epoch"])
+    if warning := resume_position_warning(s["worker_positions"], stream, s["epoch"]):
+        print(warning, file=sys.stderr)
     loader = make_loader(
         stream, pin_memory=accelerator.device.type == "cuda", prefetch=shard_cfg["prefetch"]
     )
