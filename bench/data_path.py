@@ -392,7 +392,13 @@ def reshard(source: Path, output: Path, shard_size: int, block_size: int | None 
     sink.close()
     shards = [shard for g, n in enumerate(sizes) for shard in verify_group(output, g, n)["shards"]]
     bytes_ = sum(shard["bytes"] for shard in shards)
-    resharded = {**manifest, "shards": shards, "bytes": bytes_, "block_size": block_size}
+    resharded = {
+        **manifest,
+        "shards": shards,
+        "bytes": bytes_,
+        "examples_per_group": shard_size,
+        "block_size": block_size,
+    }
     write_json_atomic(output / MANIFEST, resharded)
     (output / manifest["item_table"]).symlink_to((source / manifest["item_table"]).resolve())
 

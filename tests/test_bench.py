@@ -354,6 +354,7 @@ def test_quality_and_speed_end_to_end(tmp_path):
     rewritten = load_manifest(tmp_path / "resharded")
     counts = [shard["count"] for shard in rewritten["shards"]]
     assert set(counts[:-1]) == {7} and sum(counts) == rewritten["examples"]
+    assert rewritten["examples_per_group"] == 7  # the manifest says how it was cut
 
     def keys(folder, manifest):
         return [k for shard in manifest["shards"] for k, _ in iter_samples(folder / shard["file"])]
