@@ -636,3 +636,27 @@ def test_mapped_shards_give_the_copied_batches_and_never_write_the_file(tmp_path
     assert not isinstance(
         memory_of(unmapped.read_shard(manifest["shards"][1]).fields["targets"]), mmap.mmap
     )
+
+
+def test_shared_memory_warning_names_the_room_the_workers_need(tmp_path, monkeypatch):
+    """Loader workers hold workers x (prefetch + 1) groups per rank in /dev/shm: less free room
+    than that is said before the job starts (a worker that runs out dies with a bus error)."""
+    manifest = write_shards(tmp_path / "s", [70, 50, 90, 40])
+    monkeypatch.setattr(shard_stream, "GATHER_BYTES", group_bytes(manifest, 1))
+    monkeypatch.setattr(shard_stream, "HANDOVER_BYTES", group_bytes(manifest, 2))
+    stream = TeacherShardStream(tmp_path / "s", manifest, 0, 1, 16, 2, seed=0)
+    needed = 4 * 2 * (3 + 1) * stream.group_bytes  # 4 ranks, 2 workers, prefetch 3
+    assert stream.group_batches == 2 and needed > 0
+
+    def free(megabytes):
+        stats = type("Stats", (), {"f_bavail": int(megabytes * 1e6) // 4096, "f_frsize": 4096})
+        monkeypatch.setattr(shard_stream.os, "statvfs", lambda path: stats)
+
+    free(needed * 2 / 1e6)
+    assert shard_stream.shared_memory_warning(stream, 3, 4) is None
+    free(needed / 2 / 1e6)
+    warning = shard_stream.shared_memory_warning(stream, 3, 4, "/dev/shm")
+    assert warning.startswith("warning: /dev/shm has") and "bus error" in warning
+    assert f"about {needed / 1e6:.0f} MB" in warning and "shards.prefetch 3" in warning
+    in_process = TeacherShardStream(tmp_path / "s", manifest, 0, 1, 16, 0, seed=0)
+    assert shard_stream.shared_memory_warning(in_process, 3, 4) is None  # no workers, no segments

@@ -43,8 +43,10 @@ from recdistill.trainer.data.shard_stream import (
     batch_to_device,
     iter_batches,
     make_loader,
+    shared_memory_warning,
 )
 from recdistill.trainer.data.shards import ITEM_TABLE_FILE, ShardError, load_manifest, sha256_file
+from recdistill.trainer.deepspeed_host import local_world_size
 from recdistill.trainer.defaults import DISTILL as DEFAULTS
 from recdistill.trainer.evaluation import all_reduce_sums, eval_split, ranking_sums
 from recdistill.trainer.inputs import (
@@ -567,6 +569,9 @@ def main(argv=None) -> int:
     stream.set_position(s["epoch"], s["batch_in_epoch"])
     if warning := resume_position_warning(s["worker_positions"], stream, s["epoch"]):
         print(warning, file=sys.stderr)
+    if isinstance(stream, TeacherShardStream) and accelerator.is_local_main_process:
+        if warning := shared_memory_warning(stream, shard_cfg["prefetch"], local_world_size()):
+            print(warning, file=sys.stderr)
     loader = make_loader(
         stream, pin_memory=accelerator.device.type == "cuda", prefetch=shard_cfg["prefetch"]
     )

@@ -40,6 +40,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import random
 import zlib
 from collections.abc import Iterable, Iterator
@@ -636,6 +637,7 @@ class TeacherShardStream(IterableDataset):
             self.group_batches = int(
                 min(64, max(self.gather_batches, HANDOVER_BYTES // batch_bytes))
             )
+        self.group_bytes = self.group_batches * batch_bytes  # shard bytes behind a group
         if len(manifest["shards"]) < world:
             raise ShardError(
                 f"{self.shard_dir}: {len(manifest['shards'])} shards for {world} ranks; write smaller shards"
@@ -878,6 +880,31 @@ class TeacherShardStream(IterableDataset):
                 continue
             runs = self._exact_epoch(epoch, worker, skip * self.batch_size, skipped)
             yield from self._batches(runs, limit, skipped, pack, done=skip)
+
+
+def shared_memory_warning(
+    stream: TeacherShardStream, prefetch: int, local_ranks: int, shm: str = "/dev/shm"
+) -> str | None:
+    """A warning when `shm` has less room than this machine's loader workers may hold there at
+    once (each worker: the groups it prefetched and the one it fills), or None. A worker that
+    runs out of it dies with a bus error in the middle of a job; containers often get 64 MB."""
+    if stream.processes == 0:
+        return None
+    try:
+        stats = os.statvfs(shm)
+    except OSError:  # no such file system here: torch shares memory another way
+        return None
+    free = stats.f_bavail * stats.f_frsize
+    needed = local_ranks * stream.processes * (prefetch + 1) * stream.group_bytes
+    if needed <= free:
+        return None
+    return (
+        f"warning: {shm} has {free / 1e6:.0f} MB free, and the loader workers of {local_ranks} "
+        f"rank(s) here may hold about {needed / 1e6:.0f} MB there at once ({stream.processes} "
+        f"workers a rank x (shards.prefetch {prefetch} + 1) groups of about "
+        f"{stream.group_bytes / 1e6:.1f} MB): a worker that runs out dies with a bus error. Give "
+        f"{shm} more room (docker run --shm-size=...), or lower shards.prefetch or shards.workers"
+    )
 
 
 def make_loader(
