@@ -531,14 +531,14 @@ def unpack_batches(packed: PackedBatches, device="cpu") -> list[dict[str, torch.
     """Zero-copy views of the packed batches' fields (two view calls a field: the training
     thread pays for these), on `device`: the group's buffer is copied there whole, one copy
     (non-blocking from pinned memory on CUDA) instead of one per field and batch."""
-    packed = PackedBatches(packed.buffer.to(device, non_blocking=True), packed.layouts)
+    buffer = packed.buffer.to(device, non_blocking=True)
     typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer as each dtype (fields 8-byte aligned)
     batches = []
     for layout in packed.layouts:
         batch = {}
         for name, dtype, shape, start in layout:
             if dtype not in typed:
-                typed[dtype] = packed.buffer.view(dtype)
+                typed[dtype] = buffer.view(dtype)
             first = start // dtype.itemsize
             batch[name] = typed[dtype][first : first + math.prod(shape)].view(shape)
         batches.append(batch)
